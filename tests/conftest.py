@@ -1,0 +1,56 @@
+"""Shared fixtures: real gRPC servers on free ports, served from a background event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from typing import Callable, Iterable
+
+import grpc
+import pytest
+
+from epgrpo.services.common.server import RunningServer, ServerConfig, start_server
+
+# Keep test caches (trained reward classifiers, pretrained toy models) out of the user's home
+# but shared across tests of one session.
+os.environ.setdefault("EPGRPO_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "test"))
+
+
+class BackgroundServer:
+    """Runs ``start_server(register, config)`` on an event loop in a daemon thread."""
+
+    def __init__(self, register: Callable[[grpc.aio.Server], Iterable[str]], config: ServerConfig | None = None):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.running: RunningServer = self.call(start_server(register, config or ServerConfig()))
+        self.port = self.running.port
+        self.address = f"127.0.0.1:{self.port}"
+
+    def call(self, coro, timeout: float = 60.0):
+        """Runs a coroutine on the server's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self, grace_s: float = 0.5) -> None:
+        if self._loop.is_closed():
+            return
+        self.call(self.running.stop(grace_s))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@pytest.fixture
+def background_server():
+    """Factory: ``background_server(register, config=None) -> BackgroundServer``; stopped at teardown."""
+    servers: list[BackgroundServer] = []
+
+    def factory(register, config: ServerConfig | None = None) -> BackgroundServer:
+        server = BackgroundServer(register, config)
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in reversed(servers):
+        server.stop()
