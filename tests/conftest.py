@@ -54,3 +54,17 @@ def background_server():
     yield factory
     for server in reversed(servers):
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_factory():
+    """Builds toy digit policies from a tiny cached base model (a few pretraining steps)."""
+    from epgrpo.trainer.policy.toy import ToyDigitPolicy, ToyRecipe, ensure_pretrained
+
+    recipe = ToyRecipe(pretrain_steps=3, batch_size=16)
+    path = ensure_pretrained(recipe, progress=False)
+
+    def factory(**kwargs) -> ToyDigitPolicy:
+        return ToyDigitPolicy(path, recipe, progress=False, **kwargs)
+
+    return factory

@@ -1,0 +1,253 @@
+"""Typed training configuration: dataclasses, loaded from YAML, overridden by ``key=value``.
+
+Every field carries its help text (``epgrpo train --help`` prints them all). ``validate`` checks
+everything before any work starts and names the bad field and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODES = ("grpo", "full_ovf", "expand_prune", "random_prune")
+
+
+def opt(default, help: str):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("toy_digits", "policy adapter from the registry (toy_digits)")
+    path: str = opt("", "local directory of the model; empty = the cached toy base model (pretrained on first use)")
+    pretrain_steps: int = opt(120, "toy model: rectified-flow pretraining steps for the base model (cached by recipe)")
+    lora_rank: int = opt(0, "LoRA rank (peft); 0 = full fine-tuning against a frozen reference copy")
+    lora_alpha: float = opt(0.0, "LoRA alpha; 0 = 2 x rank")
+    device: str = opt("auto", "auto (cuda when present, else cpu), cpu or cuda[:i]")
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = opt(10, "denoising steps per rollout")
+    shift: float = opt(1.0, "time shift of the sigma grid (SD3 uses 3.0)")
+    noise_level: float = opt(0.7, "SDE noise level a (Flow-GRPO default 0.7)")
+    sde_last_step: bool = opt(False, "stochastic last step; default deterministic (ODE) and excluded from the loss")
+
+
+@dataclass
+class PruneConfig:
+    mode: str = opt("expand_prune", "grpo | full_ovf (sample all, OVF on final rewards) | expand_prune | random_prune")
+    group_size: int = opt(16, "trajectories per prompt at the start (G for grpo, G_max otherwise)")
+    steps: list = opt([4, 6], "checkpoint steps: only the survivors take steps >= each one")
+    keeps: list = opt([8, 4], "survivors per group after each checkpoint (strictly decreasing)")
+    proxy_rewards: str = opt("", "rewards scoring the x0-previews, 'name:weight,...'; empty = the training rewards")
+    seed: int = opt(0, "seed of the random strategy")
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = opt(30, "GRPO iterations")
+    prompts_per_iteration: int = opt(10, "groups (prompts) per iteration")
+    lr: float = opt(2e-4, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    beta: float = opt(0.04, "KL coefficient to the reference policy (0 disables the reference pass)")
+    clip_range: float = opt(1e-4, "PPO clip range on the per-step importance ratio")
+    adv_clip: float = opt(5.0, "advantages are clipped to +-adv_clip")
+    global_std: bool = opt(False, "normalise advantages by the std over all groups")
+    inner_epochs: int = opt(1, "optimisation passes over each iteration's samples")
+    max_grad_norm: float = opt(1.0, "gradient-norm clipping")
+    train_batch_size: int = opt(64, "trajectories per forward pass when computing the loss")
+    seed: int = opt(0, "run seed (prompts, per-sample noise)")
+
+
+@dataclass
+class RewardConfig:
+    address: str = opt("127.0.0.1:50051", "reward service host:port (several, comma-separated, are load-balanced)")
+    rewards: str = opt("digit:1.0", "training rewards, 'name:weight,...' (combined by the reward service)")
+    judge: str = opt("digit_judge", "held-out evaluation reward, never trained against; empty to skip")
+    deadline_s: float = opt(60.0, "deadline of each reward call, seconds")
+
+
+@dataclass
+class PrunerConfig:
+    address: str = opt("127.0.0.1:50052", "pruner service host:port")
+    deadline_s: float = opt(600.0, "deadline of a rollout's pruning stream, seconds")
+
+
+@dataclass
+class EvalConfig:
+    every: int = opt(5, "evaluate every N iterations (and before the first and after the last)")
+    samples_per_prompt: int = opt(8, "ODE samples per digit prompt, fixed seeds")
+    seed: int = opt(1234, "seed of the evaluation noise")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = opt("runs/latest", "output directory (metrics, summary.json, plots, checkpoints)")
+    launch_services: bool = opt(True, "start the reward and pruner services as local processes on free ports")
+    progress: bool = opt(True, "show progress bars")
+
+
+def _is_dataclass_type(t) -> bool:
+    return isinstance(t, type) and dataclasses.is_dataclass(t)
+
+
+def iter_fields(cls=Config, prefix: str = ""):
+    """(dotted key, type, default, help) of every leaf option."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if _is_dataclass_type(t):
+            yield from iter_fields(t, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield f"{prefix}{f.name}", t, default, f.metadata.get("help", "")
+
+
+def _coerce(key: str, t, value: Any):
+    try:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if t is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+            if not isinstance(value, list):
+                raise ValueError
+            return [int(v) for v in value]
+        if t is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return t(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: expected {t.__name__}, got {value!r}") from None
+
+
+def _apply(config, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(config))
+    names = {f.name for f in dataclasses.fields(config)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ValueError(f"{key}: unknown option; known: {', '.join(sorted(names))}")
+        t = hints[name]
+        if _is_dataclass_type(t):
+            if not isinstance(value, dict):
+                raise ValueError(f"{key}: expected a section (mapping), got {value!r}")
+            _apply(getattr(config, name), value, f"{key}.")
+        else:
+            setattr(config, name, _coerce(key, t, value))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, then validated."""
+    config = Config()
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        _apply(config, data)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected key=value (e.g. train.lr=1e-4)")
+        nested: dict = {}
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        if isinstance(node[parts[-1]], (dict, list)) or node[parts[-1]] is None:
+            node[parts[-1]] = value
+        _apply(config, nested)
+    validate(config)
+    return config
+
+
+def parse_rewards(spec: str, field_name: str) -> list[tuple[str, float]]:
+    """'digit:1.0,jpeg_compressibility:0.1' -> [(name, weight)]; a bare name has weight 1."""
+    out = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        name, _, weight = part.partition(":")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"{field_name}: weight of {name!r} must be a number, got {weight!r}") from None
+        if not math.isfinite(w):
+            raise ValueError(f"{field_name}: weight of {name!r} must be finite, got {weight!r}")
+        out.append((name, w))
+    return out
+
+
+def schedule(config: Config) -> list[tuple[int, int]]:
+    """The pruning checkpoints [(step, keep)] the mode uses (empty without in-rollout pruning)."""
+    if config.prune.mode in ("expand_prune", "random_prune"):
+        return list(zip(config.prune.steps, config.prune.keeps))
+    return []
+
+
+def final_keep(config: Config) -> int:
+    """Trajectories per group that are trained on."""
+    p = config.prune
+    return p.group_size if p.mode == "grpo" else p.keeps[-1]
+
+
+def validate(c: Config) -> None:
+    def need(ok: bool, key: str, expectation: str, value) -> None:
+        if not ok:
+            raise ValueError(f"{key}: expected {expectation}, got {value!r}")
+
+    need(c.prune.mode in MODES, "prune.mode", " | ".join(MODES), c.prune.mode)
+    need(c.sampling.num_steps >= 2, "sampling.num_steps", ">= 2", c.sampling.num_steps)
+    need(c.sampling.shift > 0, "sampling.shift", "> 0", c.sampling.shift)
+    need(0 < c.sampling.noise_level <= 2, "sampling.noise_level", "in (0, 2]", c.sampling.noise_level)
+    need(c.prune.group_size >= 2, "prune.group_size", ">= 2", c.prune.group_size)
+    if c.prune.mode != "grpo":
+        need(len(c.prune.keeps) >= 1, "prune.keeps", "at least one value", c.prune.keeps)
+        keeps = [c.prune.group_size, *c.prune.keeps]
+        need(all(a > b for a, b in zip(keeps, keeps[1:])), "prune.keeps",
+             f"strictly decreasing values below group_size={c.prune.group_size}", c.prune.keeps)
+        need(c.prune.keeps[-1] >= 2, "prune.keeps", "a last value >= 2 (advantages need a spread)", c.prune.keeps)
+    if c.prune.mode in ("expand_prune", "random_prune"):
+        need(len(c.prune.steps) == len(c.prune.keeps), "prune.steps", f"{len(c.prune.keeps)} steps (one per keep)", c.prune.steps)
+        steps = c.prune.steps
+        need(all(1 <= s < c.sampling.num_steps for s in steps), "prune.steps",
+             f"steps in [1, {c.sampling.num_steps - 1}]", steps)
+        need(all(a < b for a, b in zip(steps, steps[1:])), "prune.steps", "strictly increasing steps", steps)
+    for key, value in [("train.lr", c.train.lr), ("train.clip_range", c.train.clip_range),
+                       ("train.adv_clip", c.train.adv_clip), ("train.max_grad_norm", c.train.max_grad_norm)]:
+        need(math.isfinite(value) and value > 0, key, "a finite number > 0", value)
+    need(math.isfinite(c.train.beta) and c.train.beta >= 0, "train.beta", "a finite number >= 0", c.train.beta)
+    for key, value in [("train.iterations", c.train.iterations), ("train.prompts_per_iteration", c.train.prompts_per_iteration),
+                       ("train.inner_epochs", c.train.inner_epochs), ("train.train_batch_size", c.train.train_batch_size),
+                       ("eval.samples_per_prompt", c.eval.samples_per_prompt)]:
+        need(value >= 1, key, ">= 1", value)
+    need(c.eval.every >= 0, "eval.every", ">= 0", c.eval.every)
+    need(bool(parse_rewards(c.reward.rewards, "reward.rewards")), "reward.rewards", "at least one reward", c.reward.rewards)
+    parse_rewards(c.prune.proxy_rewards, "prune.proxy_rewards")
+    need(c.model.lora_rank >= 0, "model.lora_rank", ">= 0", c.model.lora_rank)
+    need(c.model.device == "auto" or c.model.device.split(":")[0] in ("cpu", "cuda"), "model.device",
+         "auto, cpu or cuda[:i]", c.model.device)
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,61 @@
+"""GRPO advantages and the clipped policy loss (pure torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    eps: float = 1e-4,
+    clip: float = 5.0,
+    global_std: bool = False,
+) -> torch.Tensor:
+    """(R - mean_g) / (std_g + eps) per group, clipped to +-clip.
+
+    Pass only the survivors: the mean and std are those of the trajectories that are trained on.
+    ``global_std`` divides by the std over all rewards instead (Flow-GRPO option).
+    """
+    rewards = rewards.double()
+    advantages = torch.empty_like(rewards)
+    global_scale = rewards.std(unbiased=False) if global_std else None
+    for g in torch.unique(group_index):
+        members = group_index == g
+        r = rewards[members]
+        scale = global_scale if global_std else r.std(unbiased=False)
+        advantages[members] = (r - r.mean()) / (scale + eps)
+    return advantages.clamp(-clip, clip).float()
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    kl: torch.Tensor
+    ratio_mean: float
+    clip_fraction: float
+    approx_kl: float
+
+
+def clipped_policy_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    kl: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> LossTerms:
+    """mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))) + beta mean(KL)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+    kl_mean = kl.mean() if kl is not None else torch.zeros((), device=log_prob.device)
+    with torch.no_grad():
+        clip_fraction = ((ratio - 1.0).abs() > clip_range).float().mean().item()
+        approx_kl = (0.5 * (log_prob - old_log_prob) ** 2).mean().item()
+    return LossTerms(policy_loss + beta * kl_mean, policy_loss, kl_mean, ratio.mean().item(), clip_fraction, approx_kl)

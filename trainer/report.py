@@ -1,0 +1,81 @@
+"""What users look at after a run: reward curve PNG, sample grids, JSONL metrics, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+class MetricsWriter:
+    """Appends one JSON object per line and mirrors scalars to TensorBoard."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._files: dict[str, object] = {}
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            self.tb = None
+
+    def write(self, stream: str, record: dict, step: int) -> None:
+        if stream not in self._files:
+            self._files[stream] = open(self.out_dir / f"{stream}.jsonl", "a")
+        f = self._files[stream]
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{stream}/{key}", value, step)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int, scale: int = 4) -> None:
+    """uint8 [N, H, W, C] -> one PNG grid (rows = prompts when N = prompts x columns)."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, c), 64, dtype=np.uint8)
+    for k in range(n):
+        r, col = divmod(k, columns)
+        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = images[k]
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+
+def plot_curves(evals: list[dict], iterations: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    it = [e["iteration"] for e in evals]
+    axes[0].plot(it, [e["reward"] for e in evals], "o-", label="training reward (eval, ODE)")
+    if evals and "judge" in evals[0]:
+        axes[0].plot(it, [e["judge"] for e in evals], "s--", label="held-out judge (eval, ODE)")
+    axes[0].set_xlabel("iteration")
+    axes[0].set_ylabel("mean reward")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    axes[1].plot([m["nfe_cumulative"] for m in iterations], [m["reward_mean"] for m in iterations], ".-",
+                 label="rollout reward (kept)")
+    axes[1].set_xlabel("cumulative transformer calls (NFE)")
+    axes[1].set_ylabel("mean reward")
+    axes[1].legend()
+    axes[1].grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

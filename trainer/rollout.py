@@ -1,0 +1,149 @@
+"""Expand-and-Prune rollouts: sample groups of trajectories with the SDE policy, stopping the
+trajectories the pruner drops at the scheduled checkpoint steps.
+
+Pruning "at step s" means only the survivors take steps s, s+1, ...; the decision uses the
+x0-preview from step s-1's velocity, which the SDE step computed anyway, so previews cost zero
+extra transformer calls. NFE per group = sum over steps of the live trajectories.
+Every trajectory draws its noise from its own generator, so a trajectory's path does not depend
+on which others are in the batch (pruned or not), on the batch size, or on the rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from epgrpo.trainer.policy.base import PolicyAdapter, select
+from epgrpo.trainer.sde import ode_step, sde_step, x0_preview
+
+
+@dataclass
+class GroupState:
+    """What the pruner is told about one group at a checkpoint."""
+
+    group_id: str
+    trajectory_ids: list[int]
+    previews: torch.Tensor  # [n, C, H, W] x0-previews of the live trajectories
+    prompt: str
+
+
+class PruneSession(Protocol):
+    def decide(self, step: int, sigma: float, groups: Sequence[GroupState]) -> dict[str, list[int]]:
+        """Survivor ids per group id."""
+
+
+@dataclass
+class RolloutResult:
+    prompts: list[str]  # per kept trajectory
+    group_index: torch.Tensor  # [K] index into the iteration's prompt list
+    trajectory_ids: torch.Tensor  # [K] ids within the expanded batch
+    latents: torch.Tensor  # [K, S + 1, C, H, W] x at every step of the kept trajectories
+    log_probs: torch.Tensor  # [K, S] rollout log-probs (NaN for ODE steps)
+    nfe: int  # transformer calls actually made
+    nfe_full: int  # what the same groups would cost without pruning
+    survivors_per_step: list[int] = field(default_factory=list)
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+    def keep(self, rows: torch.Tensor) -> "RolloutResult":
+        """The subset of kept rows (used by post-sampling selection)."""
+        return RolloutResult(
+            [self.prompts[i] for i in rows.tolist()], self.group_index[rows], self.trajectory_ids[rows],
+            self.latents[rows], self.log_probs[rows], self.nfe, self.nfe_full, self.survivors_per_step,
+        )
+
+
+def sample_seeds(seed: int, iteration: int, count: int, rank: int = 0) -> list[int]:
+    """Distinct, reproducible per-trajectory seeds (never identical noise across samples/ranks)."""
+    state = np.random.SeedSequence([seed, rank, iteration]).generate_state(count, dtype=np.uint64)
+    return [int(s >> np.uint64(1)) for s in state]
+
+
+def rollout(
+    policy: PolicyAdapter,
+    prompts: Sequence[str],
+    group_size: int,
+    sigmas: torch.Tensor,
+    *,
+    noise_level: float,
+    seeds: Sequence[int],
+    schedule: Sequence[tuple[int, int]] = (),
+    pruner: PruneSession | None = None,
+    sde_last_step: bool = False,
+    group_ids: Sequence[str] | None = None,
+) -> RolloutResult:
+    """Samples ``group_size`` trajectories per prompt; prunes per ``schedule`` [(step, keep)]."""
+    num_steps = len(sigmas) - 1
+    total = len(prompts) * group_size
+    if len(seeds) != total:
+        raise ValueError(f"seeds: expected {total} (one per trajectory), got {len(seeds)}")
+    if schedule and pruner is None:
+        raise ValueError("pruner: a pruning schedule needs a pruner")
+    device = policy.device
+    group_ids = list(group_ids) if group_ids is not None else [f"g{i}" for i in range(len(prompts))]
+    group_of = torch.arange(total, device=device) // group_size
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def noise(rows: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.randn(policy.latent_shape, generator=generators[r]) for r in rows.tolist()]).to(device)
+
+    cond_all = policy.encode_prompts([p for p in prompts for _ in range(group_size)])
+    latents = torch.zeros((total, num_steps + 1, *policy.latent_shape), device=device)
+    log_probs = torch.full((total, num_steps), float("nan"), device=device)
+    live = torch.arange(total, device=device)
+    x = noise(live)
+    latents[:, 0] = x
+    checkpoints = dict(schedule)
+    nfe, survivors_per_step = 0, []
+    preview = None
+    sigma_guard = float(sigmas[1])
+    with torch.no_grad():
+        for i in range(num_steps):
+            if i in checkpoints:
+                groups = [
+                    GroupState(group_ids[g], live[group_of[live] == g].tolist(), preview[group_of[live] == g], prompts[g])
+                    for g in range(len(prompts))
+                ]
+                decisions = pruner.decide(i, float(sigmas[i]), groups)
+                keep = torch.tensor(sorted(t for g in groups for t in decisions[g.group_id]), device=device)
+                rows = torch.searchsorted(live, keep)
+                live, x = keep, x[rows]
+            survivors_per_step.append(len(live))
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            v = policy.velocity(x, sigma, select(cond_all, live))
+            nfe += len(live) * policy.nfe_per_sample
+            preview = x0_preview(x, v, sigma)
+            if i < num_steps - 1 or sde_last_step:
+                step = sde_step(x, v, sigma, sigma_next, noise_level, sigma_guard, noise=noise(live))
+                x = step.sample
+                log_probs[live, i] = step.log_prob
+            else:
+                x = ode_step(x, v, sigma, sigma_next)
+            latents[live, i + 1] = x
+    kept = live
+    return RolloutResult(
+        prompts=[prompts[g] for g in group_of[kept].tolist()],
+        group_index=group_of[kept],
+        trajectory_ids=kept,
+        latents=latents[kept],
+        log_probs=log_probs[kept],
+        nfe=nfe,
+        nfe_full=total * num_steps * policy.nfe_per_sample,
+        survivors_per_step=survivors_per_step,
+    )
+
+
+def sample_ode(policy: PolicyAdapter, prompts: Sequence[str], seeds: Sequence[int], sigmas: torch.Tensor) -> torch.Tensor:
+    """Deterministic (probability-flow ODE) samples, one per prompt and seed: the evaluation sampler."""
+    cond = policy.encode_prompts(list(prompts))
+    x = torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    x = x.to(policy.device)
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            x = ode_step(x, policy.velocity(x, sigmas[i], cond), sigmas[i], sigmas[i + 1])
+    return x
