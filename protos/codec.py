@@ -53,7 +53,7 @@ def encode(value) -> tensor_pb2.Tensor:
         return _encode_torch(value)
     array = np.asarray(value)
     name = _numpy_wire_name(array.dtype)
-    array = np.ascontiguousarray(array, dtype=_DTYPES[name][0])
+    array = np.asarray(array, dtype=_DTYPES[name][0], order="C")  # keeps 0-d arrays 0-d
     return tensor_pb2.Tensor(dtype=name, shape=list(array.shape), data=array.tobytes())
 
 
