@@ -1,0 +1,150 @@
+"""PrunerService over gRPC: proto <-> arrays, validation, and calls into the pure parts.
+
+The algorithm lives in ``ovf`` and ``session``; previews are decoded by ``decode`` and scored by
+the reward service through ``proxy``. Expected errors propagate as typed exceptions and
+``map_errors`` turns them into statuses naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from epgrpo.protos import codec
+from epgrpo.protos.v1 import pruner_pb2, pruner_pb2_grpc
+from epgrpo.services.common.errors import FailedPrecondition, InvalidArgument
+from epgrpo.services.common.server import map_errors
+from epgrpo.services.pruner.decode import Decoder, get_decoder
+from epgrpo.services.pruner.proxy import ProxyScorer
+from epgrpo.services.pruner.session import RolloutSession, check_ids, check_scores, select_survivors, strategy_or_raise
+
+log = logging.getLogger("epgrpo.pruner")
+
+PREVIEW_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class _ProxyConfig:
+    """How a checkpoint's previews become scores (from OpenRollout, or from a unary PruneRequest)."""
+
+    rewards: tuple[tuple[str, float], ...]
+    rewards_field: str  # where the client sets the rewards, for error messages
+    decoder: Decoder
+
+
+def _proxy_config(reward_specs, decoder_name: str, prefix: str) -> _ProxyConfig:
+    rewards = []
+    for i, spec in enumerate(reward_specs):
+        if not spec.name:
+            raise InvalidArgument(f"{prefix}proxy_rewards[{i}].name: expected a reward name, got ''")
+        if not math.isfinite(spec.weight):
+            raise InvalidArgument(f"{prefix}proxy_rewards[{i}].weight: expected a finite number, got {spec.weight}")
+        rewards.append((spec.name, spec.weight))
+    return _ProxyConfig(tuple(rewards), f"{prefix}proxy_rewards", get_decoder(decoder_name, f"{prefix}decoder"))
+
+
+def _per_trajectory(values: list, n: int, field: str, what: str) -> list:
+    """One entry broadcast to the group, or one per trajectory."""
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise InvalidArgument(f"{field}: expected 1 {what} (broadcast to the group) or {n} (one per trajectory), "
+                              f"got {len(values)}")
+    return values
+
+
+class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
+    def __init__(self, scorer: ProxyScorer):
+        self.scorer = scorer
+        # Rollout streams open right now; state lives only as long as its stream.
+        self.active_sessions = 0
+
+    async def _proxy_scores(self, checkpoint, n: int, proxy: _ProxyConfig, request_id: str) -> np.ndarray:
+        """The N proxy scores of a checkpoint: given, or previews decoded and scored upstream."""
+        kind = checkpoint.WhichOneof("proxy")
+        if kind == "scores":
+            return check_scores(checkpoint.scores.values, n)
+        if kind is None:
+            raise InvalidArgument("checkpoint.proxy: expected previews (a Tensor) or scores, got neither")
+        if not proxy.rewards:
+            raise InvalidArgument(f"{proxy.rewards_field}: expected at least one reward to score checkpoint.previews, "
+                                  "got none")
+        previews = codec.to_numpy(checkpoint.previews, "checkpoint.previews", dtypes=PREVIEW_DTYPES, ndim=4)
+        if previews.shape[0] != n:
+            raise InvalidArgument(f"checkpoint.previews.shape: expected {n} previews (one per trajectory id), "
+                                  f"got {previews.shape[0]}")
+        codec.finite_or_raise(previews, "checkpoint.previews")
+        prompts = _per_trajectory(list(checkpoint.prompts), n, "checkpoint.prompts", "prompt")
+        metadata = [dict(m.fields) for m in checkpoint.metadata]
+        metadata = _per_trajectory(metadata, n, "checkpoint.metadata", "entry") if metadata else []
+        # Off the event loop: a latent decoder (VAE) takes real compute.
+        images = await asyncio.to_thread(proxy.decoder, previews, "checkpoint.previews")
+        return await self.scorer.score(images, prompts, metadata, proxy.rewards, request_id)
+
+    @staticmethod
+    def _decision(checkpoint, survivors: list[int], scores: np.ndarray, keep: int) -> pruner_pb2.PruneDecision:
+        return pruner_pb2.PruneDecision(group_id=checkpoint.group_id, step=checkpoint.step, survivor_ids=survivors,
+                                        proxy_scores=scores.tolist(), keep=keep)
+
+    @map_errors
+    async def PruneRollout(self, request_iterator, context):
+        # A coroutine writing with context.write (not an async generator), so a client that goes
+        # away cancels exactly this frame and the `finally` below runs at once.
+        requests = aiter(request_iterator)
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return  # the client closed without opening anything
+        if first.WhichOneof("message") != "open":
+            raise FailedPrecondition(f"first message must be 'open', got {first.WhichOneof('message')!r}")
+        opened = first.open
+        session = RolloutSession.create([(c.step, c.keep) for c in opened.schedule], opened.num_steps,
+                                        opened.strategy, opened.seed, opened.rollout_id)
+        proxy = _proxy_config(opened.proxy_rewards, opened.decoder, "open.")
+        rollout = opened.rollout_id or "<unnamed>"
+        self.active_sessions += 1
+        decisions = 0
+        log.info("rollout %s opened: schedule %s over %d steps, strategy %s", rollout,
+                 [(c.step, c.keep) for c in session.schedule], session.num_steps,
+                 pruner_pb2.Strategy.Name(session.strategy))  # validated by RolloutSession.create
+        try:
+            async for request in requests:
+                if request.WhichOneof("message") != "checkpoint":
+                    raise FailedPrecondition(f"message: rollout {rollout} is already open; expected 'checkpoint', "
+                                             f"got {request.WhichOneof('message')!r}")
+                checkpoint = request.checkpoint
+                keep, ids = session.validate(checkpoint.group_id, checkpoint.step, checkpoint.trajectory_ids)
+                request_id = f"{rollout}/{checkpoint.group_id}/step{checkpoint.step}"
+                scores = await self._proxy_scores(checkpoint, len(ids), proxy, request_id)
+                survivors, keep = session.decide(checkpoint.group_id, checkpoint.step, ids, scores)
+                log.debug("rollout %s group %s step %d: %d -> %d", rollout, checkpoint.group_id, checkpoint.step,
+                          len(ids), keep)
+                await context.write(self._decision(checkpoint, survivors, scores, keep))
+                decisions += 1
+        finally:
+            self.active_sessions -= 1
+            log.info("rollout %s closed after %d decisions over %d groups", rollout, decisions, session.num_groups)
+
+    @map_errors
+    async def Prune(self, request, context):
+        if not request.HasField("checkpoint"):
+            raise InvalidArgument("checkpoint: required")
+        checkpoint = request.checkpoint
+        if checkpoint.step < 0:
+            raise InvalidArgument(f"checkpoint.step: expected >= 0, got {checkpoint.step}")
+        ids = check_ids(checkpoint.trajectory_ids)
+        if not 1 <= request.keep <= len(ids):
+            raise InvalidArgument(f"keep: expected 1 <= keep <= {len(ids)} (the number of trajectory ids), "
+                                  f"got {request.keep}")
+        strategy_or_raise(request.strategy, "strategy")
+        proxy = _proxy_config(request.proxy_rewards, request.decoder, "")
+        request_id = f"prune/{checkpoint.group_id}/step{checkpoint.step}"
+        scores = await self._proxy_scores(checkpoint, len(ids), proxy, request_id)
+        survivors = select_survivors(ids, scores, request.keep, request.strategy, request.seed,
+                                     checkpoint.group_id, checkpoint.step)
+        log.debug("prune group %s step %d: %d -> %d", checkpoint.group_id, checkpoint.step, len(ids), request.keep)
+        return self._decision(checkpoint, survivors, scores, request.keep)
