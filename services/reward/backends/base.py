@@ -1,0 +1,116 @@
+"""Reward backends: the interface, batch validation, and the name -> class registry.
+
+A backend is a plain class usable in-process (no server): benchmarks compare in-process and
+over-the-wire scoring on identical code. ``score`` validates the batch, then calls ``_score``.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import inspect
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+
+from epgrpo.services.common.errors import InvalidArgument
+
+# Modules whose import registers the built-in backends (imported on first registry use, so
+# importing this module stays cheap).
+_BUILTIN_MODULES = ("epgrpo.services.reward.backends.digits", "epgrpo.services.reward.backends.jpeg")
+_REGISTRY: dict[str, type["RewardBackend"]] = {}
+
+
+def check_batch(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> list[dict[str, str]]:
+    """Validates a batch; returns metadata with one (possibly empty) dict per image."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        dtype = getattr(images, "dtype", type(images).__name__)
+        raise InvalidArgument(f"images.dtype: expected uint8, got {dtype}")
+    if images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise InvalidArgument(f"images.shape: expected [N, H, W, C] with C in {{1, 3}}, got {list(images.shape)}")
+    n, h, w, _ = images.shape
+    if n < 1 or h < 1 or w < 1:
+        raise InvalidArgument(f"images.shape: expected N, H, W >= 1, got {list(images.shape)}")
+    if len(prompts) != n:
+        raise InvalidArgument(f"prompts: expected {n} prompts (one per image), got {len(prompts)}")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise InvalidArgument(f"prompts[{i}]: expected a string, got {type(prompt).__name__}")
+    if len(metadata) not in (0, n):
+        raise InvalidArgument(f"metadata: expected 0 or {n} entries (one per image), got {len(metadata)}")
+    if not metadata:
+        return [{} for _ in range(n)]
+    for i, fields in enumerate(metadata):
+        if not isinstance(fields, dict):
+            raise InvalidArgument(f"metadata[{i}]: expected a dict of strings, got {type(fields).__name__}")
+    return list(metadata)
+
+
+class RewardBackend(abc.ABC):
+    """Scores uint8 images [N, H, W, C] against their prompts; higher is better."""
+
+    name: ClassVar[str] = ""  # set by @register_backend
+    description: ClassVar[str] = ""
+    inputs: ClassVar[str] = ""  # what it needs besides the image
+    range: ClassVar[str] = ""  # e.g. "[0, 1]", or "(-inf, 0]"
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
+    def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict] = ()) -> np.ndarray:
+        """float32 [N] scores. Raises InvalidArgument naming the field of a bad sample."""
+        metadata = check_batch(images, prompts, metadata)
+        return np.asarray(self._score(images, list(prompts), metadata), dtype=np.float32)
+
+    @abc.abstractmethod
+    def _score(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, str]]) -> np.ndarray:
+        """Scores a validated batch."""
+
+    def info(self) -> dict[str, str]:
+        return {"name": self.name, "description": self.description, "inputs": self.inputs, "range": self.range}
+
+
+def register_backend(name: str) -> Callable[[type[RewardBackend]], type[RewardBackend]]:
+    """Class decorator: makes the backend available to ``create_backend(name)``."""
+
+    def decorator(cls: type[RewardBackend]) -> type[RewardBackend]:
+        if not (isinstance(cls, type) and issubclass(cls, RewardBackend)):
+            raise TypeError(f"@register_backend({name!r}) expects a RewardBackend subclass, got {cls!r}")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"reward {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def available_backends() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def backend_class(name: str) -> type[RewardBackend]:
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown reward {name!r}; known rewards: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def create_backend(name: str, **options) -> RewardBackend:
+    """Constructs a registered backend. Unknown names or options raise InvalidArgument."""
+    cls = backend_class(name)
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as exc:
+        raise InvalidArgument(f"reward {name!r}: bad options {sorted(options)}: {exc}") from None
+    return cls(**options)

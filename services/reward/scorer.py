@@ -1,0 +1,90 @@
+"""Weighted combination of reward backends over one batch. Pure: no grpc, usable in-process.
+
+Validates the whole request before any backend runs, so a bad request costs nothing and the
+error names the offending field ('rewards[1].name: ...', 'prompts: ...').
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from epgrpo.services.common.errors import InvalidArgument, ResourceExhausted, ServiceError
+from epgrpo.services.reward.backends.base import RewardBackend, check_batch
+
+
+class RewardBackendError(ServiceError):
+    """A backend returned something unusable (wrong shape, NaN/Inf): a server-side bug, INTERNAL."""
+
+
+class RewardScorer:
+    def __init__(self, backends: Mapping[str, RewardBackend], max_batch: int = 1024):
+        if not backends:
+            raise ValueError("RewardScorer needs at least one backend")
+        if max_batch < 1:
+            raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
+        self.backends = dict(backends)
+        self.max_batch = max_batch
+
+    def describe(self) -> list[dict[str, str]]:
+        """name / description / inputs / range of every served reward, by name."""
+        return [{**self.backends[name].info(), "name": name} for name in sorted(self.backends)]
+
+    def validate(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, str]],
+        specs: Sequence[tuple[str, float]],
+    ) -> list[dict[str, str]]:
+        """Raises InvalidArgument / ResourceExhausted naming the field; returns per-image metadata."""
+        metadata = check_batch(images, prompts, metadata)
+        if len(images) > self.max_batch:
+            raise ResourceExhausted(
+                f"images.shape: batch of {len(images)} images exceeds this instance's limit of {self.max_batch}; "
+                "split the request"
+            )
+        if not specs:
+            raise InvalidArgument("rewards: expected at least one reward spec (name and weight)")
+        seen: dict[str, int] = {}
+        for i, (name, weight) in enumerate(specs):
+            if name not in self.backends:
+                raise InvalidArgument(
+                    f"rewards[{i}].name: unknown reward {name!r}; this instance serves: {', '.join(sorted(self.backends))}"
+                )
+            if name in seen:
+                raise InvalidArgument(f"rewards[{i}].name: duplicate reward {name!r} (already at rewards[{seen[name]}])")
+            seen[name] = i
+            if not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+                raise InvalidArgument(f"rewards[{i}].weight: expected a finite number, got {weight}")
+        return metadata
+
+    def score(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, str]],
+        specs: Sequence[tuple[str, float]],
+    ) -> tuple[np.ndarray, list[tuple[str, float, np.ndarray]]]:
+        """(combined float64 [N] = sum of weight * raw, [(name, weight, raw float32 [N]), ...])."""
+        metadata = self.validate(images, prompts, metadata, specs)
+        n = len(images)
+        combined = np.zeros(n, dtype=np.float64)
+        per_reward: list[tuple[str, float, np.ndarray]] = []
+        for name, weight in specs:
+            raw = np.asarray(self.backends[name].score(images, list(prompts), metadata), dtype=np.float32)
+            if raw.shape != (n,):
+                raise RewardBackendError(f"reward {name!r} returned shape {list(raw.shape)}, expected [{n}]")
+            if not np.isfinite(raw).all():
+                bad = int((~np.isfinite(raw)).sum())
+                raise RewardBackendError(f"reward {name!r} returned {bad} non-finite scores (NaN/Inf)")
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+                combined += float(weight) * raw.astype(np.float64)
+            per_reward.append((name, float(weight), raw))
+        # Scores travel as float32: a sum past its range would arrive as Inf.
+        if not (np.abs(combined) <= np.finfo(np.float32).max).all():
+            raise InvalidArgument("rewards: the weighted sum exceeds the float32 range; use smaller weights")
+        return combined, per_reward

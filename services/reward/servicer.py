@@ -1,0 +1,57 @@
+"""gRPC RewardService: proto <-> arrays around a RewardScorer. Holds no reward logic."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from epgrpo.protos.codec import to_numpy
+from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc
+from epgrpo.services.common.server import map_errors
+from epgrpo.services.reward.scorer import RewardScorer
+
+log = logging.getLogger("epgrpo.reward.servicer")
+
+SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+
+
+class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
+    def __init__(self, scorer: RewardScorer):
+        self.scorer = scorer
+        # One worker thread: models are never called concurrently, and the event loop stays
+        # free for health checks and other RPCs while a batch is scored.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-scorer")
+
+    @map_errors
+    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
+        start = time.perf_counter()
+        images = to_numpy(request.images, "images", dtypes=("uint8",), ndim=4)
+        prompts = list(request.prompts)
+        metadata = [dict(m.fields) for m in request.metadata]
+        specs = [(spec.name, spec.weight) for spec in request.rewards]
+        loop = asyncio.get_running_loop()
+        combined, per_reward = await loop.run_in_executor(
+            self._executor, self.scorer.score, images, prompts, metadata, specs
+        )
+        response = reward_pb2.ScoreResponse(scores=combined.tolist())
+        for name, weight, raw in per_reward:
+            response.per_reward.add(name=name, weight=weight, scores=raw.tolist())
+        log.debug(
+            "Score request_id=%s n=%d shape=%s rewards=%s in %.1f ms",
+            request.request_id or "-", len(images), list(images.shape),
+            ",".join(f"{n}*{w:g}" for n, w in specs), 1000 * (time.perf_counter() - start),
+        )
+        return response
+
+    @map_errors
+    async def ListRewards(self, request: reward_pb2.ListRewardsRequest, context) -> reward_pb2.ListRewardsResponse:
+        return reward_pb2.ListRewardsResponse(
+            rewards=[reward_pb2.RewardInfo(**info) for info in self.scorer.describe()]
+        )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

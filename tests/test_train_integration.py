@@ -1,0 +1,95 @@
+"""End to end: real reward and pruner servers on free ports, real clients, short training runs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from epgrpo.trainer.clients import PrunerClient, RewardClient
+from epgrpo.trainer.config import load_config
+from epgrpo.trainer.loop import Trainer
+
+
+@pytest.fixture
+def services(background_server):
+    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
+    from epgrpo.services.reward.main import build_registrar as reward_registrar
+
+    reward = background_server(reward_registrar(["digit", "digit_judge", "jpeg_compressibility"]))
+    pruner = background_server(pruner_registrar(reward.address))
+    return reward, pruner
+
+
+def small_config(tmp_path, *overrides):
+    return load_config(None, [
+        "prune.group_size=8", "prune.steps=[3,5]", "prune.keeps=[4,2]", "sampling.num_steps=6",
+        "train.iterations=2", "train.prompts_per_iteration=3", "eval.samples_per_prompt=2", "eval.every=1",
+        f"out_dir={tmp_path}", "launch_services=false", "progress=false", *overrides,
+    ])
+
+
+def run(config, policy, reward, pruner):
+    reward_client, pruner_client = RewardClient(reward.address), PrunerClient(pruner.address)
+    try:
+        path = Trainer(config, policy, reward_client, pruner_client).run()
+    finally:
+        reward_client.close()
+        pruner_client.close()
+    return json.loads(path.read_text()), [json.loads(line) for line in (path.parent / "metrics.jsonl").open()]
+
+
+def test_expand_and_prune_training_through_grpc(services, tiny_policy_factory, tmp_path):
+    reward, pruner = services
+    summary, metrics = run(small_config(tmp_path), tiny_policy_factory(), reward, pruner)
+    per_group = 8 * 3 + 4 * 2 + 2 * 1  # steps 0-2 with 8, 3-4 with 4, 5 with 2
+    assert summary["iterations"] == 2 and len(metrics) == 2
+    assert summary["nfe_used"] == 2 * 3 * per_group
+    assert summary["nfe_full_group"] == 2 * 3 * 8 * 6
+    for m in metrics:
+        assert m["survivors_per_step"] == [24, 24, 24, 12, 12, 6] and m["kept"] == 6
+        assert m["ratio_mean"] == 1.0 and "skipped" not in m
+    for key in ("reward_first", "reward_last", "judge_first", "judge_last", "wall_seconds"):
+        assert 0 <= summary[key] or key == "wall_seconds"
+    for name in ("summary.json", "eval.jsonl", "reward_curve.png", "samples_first.png", "samples_last.png",
+                 "policy.safetensors", "config.json"):
+        assert (tmp_path / name).is_file(), name
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 3  # before, after 1, after 2
+
+
+@pytest.mark.parametrize("mode, kept, nfe", [("grpo", 3 * 8, 3 * 8 * 6), ("full_ovf", 3 * 2, 3 * 8 * 6),
+                                             ("random_prune", 3 * 2, 3 * (8 * 3 + 4 * 2 + 2))])
+def test_ablation_modes(services, tiny_policy_factory, tmp_path, mode, kept, nfe):
+    reward, pruner = services
+    summary, metrics = run(small_config(tmp_path, f"prune.mode={mode}", "train.iterations=1", "eval.every=0"),
+                           tiny_policy_factory(), reward, pruner)
+    assert metrics[0]["kept"] == kept and metrics[0]["nfe"] == nfe
+    assert summary["nfe_used"] == nfe
+
+
+def test_missing_reward_fails_before_any_work(services, tiny_policy_factory, tmp_path):
+    reward, pruner = services
+    config = small_config(tmp_path, "reward.rewards=pickscore:1")
+    with pytest.raises(ValueError, match="reward.rewards: reward service does not serve pickscore"):
+        run(config, tiny_policy_factory(), reward, pruner)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_main_job_starts_services_trains_and_prints_summary_path(tmp_path):
+    """`epgrpo train` as users run it: services as local processes on free ports."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "epgrpo.trainer.cli", "train", "model.pretrain_steps=3", "train.iterations=1",
+         "train.prompts_per_iteration=2", "prune.group_size=4", "prune.steps=[2]", "prune.keeps=[2]",
+         "sampling.num_steps=4", "eval.samples_per_prompt=1", f"out_dir={out}", "progress=false"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last_line = proc.stdout.strip().splitlines()[-1]
+    assert last_line == str(out / "summary.json")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nfe_used"] == 2 * (4 * 2 + 2 * 2) and summary["nfe_full_group"] == 2 * 4 * 4
+    logs = {p.name: p.read_text() for p in (out / "services").iterdir()}
+    assert set(logs) == {"reward.log", "pruner.log"}
