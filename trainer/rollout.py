@@ -45,6 +45,7 @@ class RolloutResult:
     nfe: int  # transformer calls actually made
     nfe_full: int  # what the same groups would cost without pruning
     survivors_per_step: list[int] = field(default_factory=list)
+    previews: torch.Tensor | None = None  # [K, S, C, H, W] x0-previews, when recorded
 
     @property
     def final(self) -> torch.Tensor:
@@ -55,6 +56,7 @@ class RolloutResult:
         return RolloutResult(
             [self.prompts[i] for i in rows.tolist()], self.group_index[rows], self.trajectory_ids[rows],
             self.latents[rows], self.log_probs[rows], self.nfe, self.nfe_full, self.survivors_per_step,
+            None if self.previews is None else self.previews[rows],
         )
 
 
@@ -76,8 +78,12 @@ def rollout(
     pruner: PruneSession | None = None,
     sde_last_step: bool = False,
     group_ids: Sequence[str] | None = None,
+    record_previews: bool = False,
 ) -> RolloutResult:
-    """Samples ``group_size`` trajectories per prompt; prunes per ``schedule`` [(step, keep)]."""
+    """Samples ``group_size`` trajectories per prompt; prunes per ``schedule`` [(step, keep)].
+
+    ``record_previews`` keeps every step's x0-preview (for analysis: proxy fidelity, what-if pruning).
+    """
     num_steps = len(sigmas) - 1
     total = len(prompts) * group_size
     if len(seeds) != total:
@@ -95,6 +101,7 @@ def rollout(
     cond_all = policy.encode_prompts([p for p in prompts for _ in range(group_size)])
     latents = torch.zeros((total, num_steps + 1, *policy.latent_shape), device=device)
     log_probs = torch.full((total, num_steps), float("nan"), device=device)
+    previews = torch.zeros((total, num_steps, *policy.latent_shape), device=device) if record_previews else None
     live = torch.arange(total, device=device)
     x = noise(live)
     latents[:, 0] = x
@@ -118,6 +125,8 @@ def rollout(
             v = policy.velocity(x, sigma, select(cond_all, live))
             nfe += len(live) * policy.nfe_per_sample
             preview = x0_preview(x, v, sigma)
+            if previews is not None:
+                previews[live, i] = preview
             if i < num_steps - 1 or sde_last_step:
                 step = sde_step(x, v, sigma, sigma_next, noise_level, sigma_guard, noise=noise(live))
                 x = step.sample
@@ -135,6 +144,7 @@ def rollout(
         nfe=nfe,
         nfe_full=total * num_steps * policy.nfe_per_sample,
         survivors_per_step=survivors_per_step,
+        previews=None if previews is None else previews[kept],
     )
 
 
