@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import textwrap
@@ -38,42 +39,85 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file with any of the options below")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. train.iterations=5")
     train.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
+    analyze = sub.add_parser(
+        "analyze", help="reward clustering, proxy fidelity and pruning ablations on your model and reward",
+        description="Samples large unpruned groups with every step's x0-preview, scores them through the "
+                    "reward service and writes analysis.json, clustering.png, fidelity.png, "
+                    "ablation_steps.png and ablation_gmax.png to out_dir. Takes the same options as train.",
+        epilog=_options_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    analyze.add_argument("--config", help="YAML file with any of the options below")
+    analyze.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides")
+    analyze.add_argument("--groups", type=int, default=10, help="prompts (groups) to sample (default %(default)s)")
+    analyze.add_argument("--group-size", type=int, default=48, help="trajectories per group, G_max (default %(default)s)")
+    analyze.add_argument("--keep", type=int, default=12, help="k, the subset size kept by pruning (default %(default)s)")
+    analyze.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
     show = sub.add_parser("config", help="print the resolved config as YAML (same arguments as train)")
     show.add_argument("--config", help="YAML file")
     show.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
 
-def run_training(config: cfg.Config):
-    from epgrpo.trainer.clients import PrunerClient, RewardClient
-    from epgrpo.trainer.launch import LocalStack
-    from epgrpo.trainer.loop import Trainer, resolve_device
-    from epgrpo.trainer.policy import toy  # noqa: F401 - registers the toy adapter
-    from epgrpo.trainer.policy.base import create_policy
+@contextlib.contextmanager
+def connected(config: cfg.Config):
+    """(policy, reward client, pruner client), with local services started when configured."""
     from pathlib import Path
 
+    from epgrpo.trainer.clients import PrunerClient, RewardClient
+    from epgrpo.trainer.launch import LocalStack
+    from epgrpo.trainer.loop import resolve_device
+    from epgrpo.trainer.policy import toy  # noqa: F401 - registers the toy adapter
+    from epgrpo.trainer.policy.base import create_policy
+
     device = resolve_device(config.model.device)
-    stack = None
-    if config.launch_services:
-        names = {n for spec in (config.reward.rewards, config.prune.proxy_rewards, config.reward.judge)
-                 for n, _ in cfg.parse_rewards(spec, "reward")}
-        print("starting local reward and pruner services ...", file=sys.stderr)
-        stack = LocalStack(sorted(names), Path(config.out_dir) / "services", device="cpu")
-        config.reward.address, config.pruner.address = stack.reward.address, stack.pruner.address
-    try:
+    with contextlib.ExitStack() as stack:
+        if config.launch_services:
+            names = {n for spec in (config.reward.rewards, config.prune.proxy_rewards, config.reward.judge)
+                     for n, _ in cfg.parse_rewards(spec, "reward")}
+            print("starting local reward and pruner services ...", file=sys.stderr)
+            services = stack.enter_context(LocalStack(sorted(names), Path(config.out_dir) / "services", device="cpu"))
+            config.reward.address, config.pruner.address = services.reward.address, services.pruner.address
         policy = create_policy(config.model.name, path=config.model.path, pretrain_steps=config.model.pretrain_steps,
                                lora_rank=config.model.lora_rank, lora_alpha=config.model.lora_alpha, device=device,
                                progress=config.progress)
         reward = RewardClient(config.reward.address, deadline_s=config.reward.deadline_s)
+        stack.callback(reward.close)
         pruner = PrunerClient(config.pruner.address, deadline_s=config.pruner.deadline_s)
-        try:
-            return Trainer(config, policy, reward, pruner).run()
-        finally:
-            reward.close()
-            pruner.close()
-    finally:
-        if stack is not None:
-            stack.stop()
+        stack.callback(pruner.close)
+        yield policy, reward, pruner
+
+
+def run_training(config: cfg.Config):
+    from epgrpo.trainer.loop import Trainer
+
+    with connected(config) as (policy, reward, pruner):
+        return Trainer(config, policy, reward, pruner).run()
+
+
+def run_analysis(config: cfg.Config, groups: int, group_size: int, keep: int):
+    """Collects an unpruned rollout with previews and writes analysis.json + plots to out_dir."""
+    from pathlib import Path
+
+    from epgrpo.trainer.analysis import analyze, collect
+    from epgrpo.trainer.loop import DIGIT_PROMPTS
+    from epgrpo.trainer.sde import sigma_grid
+
+    rewards = cfg.parse_rewards(config.reward.rewards, "reward.rewards")
+    with connected(config) as (policy, reward, pruner):
+        reward.require([n for n, _ in rewards], "reward.rewards")
+        prompts = [DIGIT_PROMPTS[i % len(DIGIT_PROMPTS)] for i in range(groups)]
+        sigmas = sigma_grid(config.sampling.num_steps, config.sampling.shift).to(policy.device)
+
+        def score(images, prompts_):
+            return reward.score(images, prompts_, rewards, request_id="analysis")[0]
+
+        def select(scores, k):
+            ids = list(range(len(scores)))
+            return sorted(pruner.select_by_scores("analysis", ids, scores, k))
+
+        records = collect(policy, score, prompts, group_size, sigmas, config.sampling.noise_level, config.train.seed)
+        analyze(records, select, keep, config.sampling.num_steps, Path(config.out_dir))
+    return Path(config.out_dir) / "analysis.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        summary = run_training(config)
+        if args.command == "analyze":
+            if not 2 <= args.keep < args.group_size or args.groups < 1:
+                print(f"epgrpo: error: --keep: expected 2 <= keep < group_size={args.group_size} and --groups >= 1, "
+                      f"got keep={args.keep}, groups={args.groups}", file=sys.stderr)
+                return 2
+            summary = run_analysis(config, args.groups, args.group_size, args.keep)
+        else:
+            summary = run_training(config)
     except ValueError as e:  # config problems found when talking to the services (e.g. missing reward)
         print(f"epgrpo: error: {e}", file=sys.stderr)
         return 2
