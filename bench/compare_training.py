@@ -1,0 +1,142 @@
+"""Training comparison on the toy task: plain GRPO vs full group + OVF vs Expand-and-Prune vs Flash.
+
+Every configuration trains the same cached base model with the same prompts, for several seeds,
+against one reward + pruner service pair (local processes). Evaluation reward (ODE, fixed seeds)
+is reported against training wall time (sum of iteration times, evaluation excluded) and against
+cumulative transformer calls. Runs are interleaved (seed-major) so machine noise spreads evenly.
+
+    python bench/compare_training.py --out runs/compare          # 3 seeds x 4 configs
+    python bench/compare_training.py --quick --out /tmp/cmp      # seconds; used by the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from epgrpo.trainer.clients import PrunerClient, RewardClient
+from epgrpo.trainer.config import load_config
+from epgrpo.trainer.launch import LocalStack
+from epgrpo.trainer.loop import Trainer
+from epgrpo.trainer.policy.toy import ToyDigitPolicy, ToyRecipe
+
+CONFIGS = {
+    "grpo G=8": ["prune.mode=grpo", "prune.group_size=8"],
+    "full16+ovf→4": ["prune.mode=full_ovf", "prune.group_size=16", "prune.keeps=[4]"],
+    "E&P 16→8→4": ["prune.mode=expand_prune", "prune.group_size=16", "prune.steps=[4,6]", "prune.keeps=[8,4]"],
+    "Flash 8→6→4": ["prune.mode=expand_prune", "prune.group_size=8", "prune.steps=[4,6]", "prune.keeps=[6,4]"],
+}
+
+
+def run_one(name, overrides, seed, args, reward_address, pruner_address, recipe):
+    out = args.out / name.replace(" ", "_").replace("→", "-").replace("+", "_").replace("=", "") / f"seed{seed}"
+    config = load_config(None, [
+        *overrides, f"train.seed={seed}", f"train.iterations={args.iterations}", f"eval.every={args.eval_every}",
+        f"eval.samples_per_prompt={args.eval_samples}", f"out_dir={out}", "launch_services=false", "progress=false",
+        *args.extra,
+    ])
+    policy = ToyDigitPolicy(recipe=recipe, progress=False)
+    reward, pruner = RewardClient(reward_address), PrunerClient(pruner_address)
+    try:
+        Trainer(config, policy, reward, pruner).run()
+    finally:
+        reward.close()
+        pruner.close()
+    evals = [json.loads(line) for line in (out / "eval.jsonl").open()]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    wall = np.cumsum([0.0] + [m["iteration_s"] for m in metrics])
+    nfe = np.cumsum([0] + [m["nfe"] for m in metrics])
+    return [{"iteration": e["iteration"], "reward": e["reward"], "judge": e.get("judge"),
+             "wall_s": float(wall[e["iteration"]]), "nfe": int(nfe[e["iteration"]])} for e in evals]
+
+
+def summarize(curves: dict[str, list[list[dict]]], baseline: str) -> dict:
+    """Mean over seeds at each evaluation point; time/NFE to reach the baseline's final reward."""
+    out = {}
+    for name, runs in curves.items():
+        points = [{k: float(np.mean([r[i][k] for r in runs])) for k in ("iteration", "reward", "judge", "wall_s", "nfe")}
+                  for i in range(len(runs[0]))]
+        out[name] = {"points": points, "final_reward": points[-1]["reward"],
+                     "final_reward_std": float(np.std([r[-1]["reward"] for r in runs])),
+                     "final_judge": points[-1]["judge"], "wall_s": points[-1]["wall_s"], "nfe": points[-1]["nfe"]}
+    target = out[baseline]["final_reward"]
+    for name, s in out.items():
+        reach = next((p for p in s["points"] if p["reward"] >= target), None)
+        s["wall_to_baseline_final_s"] = reach["wall_s"] if reach else None
+        s["nfe_to_baseline_final"] = reach["nfe"] if reach else None
+    return out
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, s in summary.items():
+        ax[0].plot([p["wall_s"] for p in s["points"]], [p["reward"] for p in s["points"]], "o-", label=name)
+        ax[1].plot([p["nfe"] for p in s["points"]], [p["reward"] for p in s["points"]], "o-", label=name)
+    ax[0].set_xlabel("training wall time, s (evaluation excluded)")
+    ax[1].set_xlabel("cumulative transformer calls (NFE)")
+    for a in ax:
+        a.set_ylabel("eval reward (mean over seeds)")
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(summary: dict, baseline: str) -> str:
+    base = summary[baseline]
+    lines = ["| config | final reward (± std over seeds) | judge | train wall s | NFE | wall to reach "
+             f"{baseline} final | ratio to {baseline} wall |", "|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        reach = s["wall_to_baseline_final_s"]
+        ratio = "—" if reach is None else f"{reach / base['wall_s']:.2f}"
+        lines.append(f"| {name} | {s['final_reward']:.3f} ± {s['final_reward_std']:.3f} | {s['final_judge']:.3f} | "
+                     f"{s['wall_s']:.0f} | {s['nfe']:.0f} | {'not reached' if reach is None else f'{reach:.0f} s'} | "
+                     f"{ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    parser.add_argument("--iterations", type=int, default=30, help="GRPO iterations per run (default 30)")
+    parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N iterations (default 5)")
+    parser.add_argument("--eval-samples", type=int, default=8, help="ODE samples per digit at evaluation (default 8)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 iterations, tiny model: checks it runs")
+    parser.add_argument("extra", nargs="*", metavar="key=value", help="extra trainer overrides for every run")
+    args = parser.parse_args(argv)
+    recipe = ToyRecipe()
+    if args.quick:
+        args.seeds, args.iterations, args.eval_every, args.eval_samples = 1, 2, 1, 1
+        recipe = ToyRecipe(pretrain_steps=3, batch_size=16)
+        args.extra = [*args.extra, "train.prompts_per_iteration=2", "sampling.num_steps=8"]
+    baseline = "grpo G=8"
+    curves: dict[str, list] = {name: [] for name in CONFIGS}
+    with tempfile.TemporaryDirectory() as tmp, LocalStack(["digit", "digit_judge"], Path(tmp)) as stack:
+        for seed in range(args.seeds):
+            for name, overrides in CONFIGS.items():
+                print(f"seed {seed}: {name} ...", file=sys.stderr, flush=True)
+                curves[name].append(run_one(name, overrides, seed, args, stack.reward.address, stack.pruner.address, recipe))
+    summary = summarize(curves, baseline)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "comparison.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, args.out / "comparison.png")
+    print(f"training comparison: toy digits, {args.seeds} seeds x {args.iterations} iterations, overrides {args.extra}")
+    print(table(summary, baseline))
+    print(f"curves: {args.out / 'comparison.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

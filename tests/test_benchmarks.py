@@ -1,0 +1,36 @@
+"""The benchmark and comparison scripts run (tiny sizes) and print their tables. No timing asserts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args, timeout=600):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_rollout_benchmark_runs(tmp_path):
+    out = run("bench_rollout.py", "--quick", "--prompts", "2", "--json", str(tmp_path / "r.json"))
+    assert "| ep48 |" in out and "0 extra transformer calls" in out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["ep48"]["nfe"] < results["full48+ovf"]["nfe"]
+    assert results["ep48"]["trained"] == results["full48+ovf"]["trained"]
+
+
+@pytest.mark.slow
+def test_training_comparison_runs(tmp_path):
+    out = run("compare_training.py", "--quick", "--out", str(tmp_path))
+    assert "| E&P 16→8→4 |" in out
+    summary = json.loads((tmp_path / "comparison.json").read_text())
+    assert set(summary) == {"grpo G=8", "full16+ovf→4", "E&P 16→8→4", "Flash 8→6→4"}
+    assert summary["E&P 16→8→4"]["nfe"] < summary["full16+ovf→4"]["nfe"]
+    assert (tmp_path / "comparison.png").stat().st_size > 1000
