@@ -34,3 +34,10 @@ def test_training_comparison_runs(tmp_path):
     assert set(summary) == {"grpo G=8", "full16+ovf→4", "E&P 16→8→4", "Flash 8→6→4"}
     assert summary["E&P 16→8→4"]["nfe"] < summary["full16+ovf→4"]["nfe"]
     assert (tmp_path / "comparison.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_transport_benchmark_runs():
+    out = run("bench_transport.py", "--quick")
+    assert "| reward.Score jpeg 48x16x16x1 uint8 |" in out and "pruner.PruneRollout previews" in out
+    assert "SD3.5 latents" in out
