@@ -62,13 +62,13 @@ def batch(n=3, h=8, w=8, c=1, seed=0):
 
 def test_combined_is_the_weighted_sum_of_raw_scores(scorer):
     images, prompts, metadata = batch(5, c=3)
-    combined, per_reward = scorer.score(images, prompts, metadata, [("brightness", 2.0), ("prompt_length", -0.5)])
-    assert [(name, weight) for name, weight, _ in per_reward] == [("brightness", 2.0), ("prompt_length", -0.5)]
+    combined, per_reward = scorer.score(images, prompts, metadata, [("brightness", 2.0), ("prompt_length", 0.5)])
+    assert [(name, weight) for name, weight, _ in per_reward] == [("brightness", 2.0), ("prompt_length", 0.5)]
     brightness = images.reshape(5, -1).mean(1) / 255.0
     lengths = np.array([len(p) for p in prompts], dtype=np.float64)
     np.testing.assert_allclose(per_reward[0][2], brightness, rtol=1e-6)
     np.testing.assert_allclose(per_reward[1][2], lengths)
-    np.testing.assert_allclose(combined, 2.0 * per_reward[0][2].astype(np.float64) - 0.5 * lengths, rtol=1e-12)
+    np.testing.assert_allclose(combined, 2.0 * per_reward[0][2].astype(np.float64) + 0.5 * lengths, rtol=1e-12)
 
 
 @settings(max_examples=40, deadline=None)
@@ -76,7 +76,7 @@ def test_combined_is_the_weighted_sum_of_raw_scores(scorer):
     n=st.integers(1, 16),
     channels=st.sampled_from([1, 3]),
     names=st.lists(st.sampled_from(["brightness", "prompt_length", "jpeg_compressibility"]), min_size=1, max_size=3, unique=True),
-    weights=st.lists(st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False), min_size=3, max_size=3),
+    weights=st.lists(st.floats(0, 1e3, allow_nan=False, allow_infinity=False), min_size=3, max_size=3),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_property_combined_equals_float64_weighted_sum(scorer, n, channels, names, weights, seed):
@@ -133,8 +133,9 @@ def _bad(images=None, prompts=None, metadata=None, specs=None):
          "rewards[1].name: unknown reward 'clip'; this instance serves: brightness, jpeg_compressibility, prompt_length"),
         (_bad(specs=[("brightness", 1.0), ("prompt_length", 1.0), ("brightness", 2.0)]), InvalidArgument,
          "rewards[2].name: duplicate reward 'brightness' (already at rewards[0])"),
-        (_bad(specs=[("brightness", float("nan"))]), InvalidArgument, "rewards[0].weight: expected a finite number, got nan"),
-        (_bad(specs=[("prompt_length", 1.0), ("brightness", float("-inf"))]), InvalidArgument, "rewards[1].weight: expected a finite number, got -inf"),
+        (_bad(specs=[("brightness", float("nan"))]), InvalidArgument, "rewards[0].weight: expected a finite number >= 0, got nan"),
+        (_bad(specs=[("prompt_length", 1.0), ("brightness", float("-inf"))]), InvalidArgument, "rewards[1].weight: expected a finite number >= 0, got -inf"),
+        (_bad(specs=[("brightness", -0.5)]), InvalidArgument, "rewards[0].weight: expected a finite number >= 0, got -0.5"),
         (_bad(specs=[("prompt_length", 1e308), ("brightness", 1.0)]), InvalidArgument, "rewards: the weighted sum exceeds"),
     ],
 )

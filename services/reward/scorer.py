@@ -58,8 +58,10 @@ class RewardScorer:
             if name in seen:
                 raise InvalidArgument(f"rewards[{i}].name: duplicate reward {name!r} (already at rewards[{seen[name]}])")
             seen[name] = i
-            if not isinstance(weight, numbers.Real) or not math.isfinite(weight):
-                raise InvalidArgument(f"rewards[{i}].weight: expected a finite number, got {weight}")
+            # Negative weights are refused: every reward is "higher is better", and a sign flip hidden
+            # in a weight is how a combined reward silently optimises the wrong way.
+            if not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
+                raise InvalidArgument(f"rewards[{i}].weight: expected a finite number >= 0, got {weight}")
         return metadata
 
     def score(
@@ -71,16 +73,31 @@ class RewardScorer:
     ) -> tuple[np.ndarray, list[tuple[str, float, np.ndarray]]]:
         """(combined float64 [N] = sum of weight * raw, [(name, weight, raw float32 [N]), ...])."""
         metadata = self.validate(images, prompts, metadata, specs)
+        raws = [self.run_backend(name, images, prompts, metadata) for name, _ in specs]
+        return self.combine(specs, raws)
+
+    def run_backend(
+        self, name: str, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict[str, str]]
+    ) -> np.ndarray:
+        """One backend's raw float32 [N] scores of a validated batch, checked for shape and finiteness.
+        (The dynamic batcher calls this on merged batches.)"""
         n = len(images)
-        combined = np.zeros(n, dtype=np.float64)
+        raw = np.asarray(self.backends[name].score(images, list(prompts), metadata), dtype=np.float32)
+        if raw.shape != (n,):
+            raise RewardBackendError(f"reward {name!r} returned shape {list(raw.shape)}, expected [{n}]")
+        if not np.isfinite(raw).all():
+            bad = int((~np.isfinite(raw)).sum())
+            raise RewardBackendError(f"reward {name!r} returned {bad} non-finite scores (NaN/Inf)")
+        return raw
+
+    @staticmethod
+    def combine(
+        specs: Sequence[tuple[str, float]], raws: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[tuple[str, float, np.ndarray]]]:
+        """The weighted sum of every spec's raw scores, and the per-reward list, in spec order."""
+        combined = np.zeros(len(raws[0]), dtype=np.float64)
         per_reward: list[tuple[str, float, np.ndarray]] = []
-        for name, weight in specs:
-            raw = np.asarray(self.backends[name].score(images, list(prompts), metadata), dtype=np.float32)
-            if raw.shape != (n,):
-                raise RewardBackendError(f"reward {name!r} returned shape {list(raw.shape)}, expected [{n}]")
-            if not np.isfinite(raw).all():
-                bad = int((~np.isfinite(raw)).sum())
-                raise RewardBackendError(f"reward {name!r} returned {bad} non-finite scores (NaN/Inf)")
+        for (name, weight), raw in zip(specs, raws):
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
                 combined += float(weight) * raw.astype(np.float64)
             per_reward.append((name, float(weight), raw))
