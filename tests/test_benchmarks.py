@@ -41,3 +41,12 @@ def test_transport_benchmark_runs():
     out = run("bench_transport.py", "--quick")
     assert "| reward.Score jpeg 48x16x16x1 uint8 |" in out and "pruner.PruneRollout previews" in out
     assert "SD3.5 latents" in out
+
+
+@pytest.mark.slow
+def test_short_soak_has_no_errors(tmp_path):
+    out = run("soak.py", "--seconds", "3", "--clients", "4", "--json", str(tmp_path / "s.json"))
+    results = json.loads((tmp_path / "s.json").read_text())
+    assert len(results) == 2 and "| reward.Score" in out
+    for r in results.values():
+        assert r["calls"] > 0 and r["errors"] == {}
