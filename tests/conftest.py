@@ -68,3 +68,11 @@ def tiny_policy_factory():
         return ToyDigitPolicy(path, recipe, progress=False, **kwargs)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny random StableDiffusion3Pipeline saved with save_pretrained (see tests/tiny_sd3.py)."""
+    from tiny_sd3 import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))

@@ -145,7 +145,7 @@ def test_reflection_lists_the_service(stub):
 
 
 def test_build_registrar_fails_fast_on_unknown_rewards():
-    with pytest.raises(ValueError, match="unknown reward 'nope'; known rewards: digit"):
+    with pytest.raises(ValueError, match="unknown reward 'nope'; known rewards: aesthetic, clipscore, digit, "):
         build_registrar(["jpeg_compressibility", "nope"])
     with pytest.raises(ValueError, match="at least one"):
         build_registrar([" ", ""])

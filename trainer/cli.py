@@ -64,34 +64,49 @@ def connected(config: cfg.Config):
     from pathlib import Path
 
     from epgrpo.trainer.clients import PrunerClient, RewardClient
+    from epgrpo.trainer.distributed import Distributed
     from epgrpo.trainer.launch import LocalStack
     from epgrpo.trainer.loop import resolve_device
     from epgrpo.trainer.policy import toy  # noqa: F401 - registers the toy adapter
     from epgrpo.trainer.policy.base import create_policy
 
-    device = resolve_device(config.model.device)
+    cfg.check_paths(config)  # before minutes of model loading
+    dist = Distributed(config.model.device)  # under `accelerate launch`: this rank and its device
+    device = str(dist.device) if dist.world_size > 1 else resolve_device(config.model.device)
     with contextlib.ExitStack() as stack:
         if config.launch_services:
-            names = {n for spec in (config.reward.rewards, config.prune.proxy_rewards, config.reward.judge)
-                     for n, _ in cfg.parse_rewards(spec, "reward")}
-            print("starting local reward and pruner services ...", file=sys.stderr)
-            services = stack.enter_context(LocalStack(sorted(names), Path(config.out_dir) / "services", device="cpu"))
-            config.reward.address, config.pruner.address = services.reward.address, services.pruner.address
-        policy = create_policy(config.model.name, path=config.model.path, pretrain_steps=config.model.pretrain_steps,
-                               lora_rank=config.model.lora_rank, lora_alpha=config.model.lora_alpha, device=device,
-                               progress=config.progress)
-        reward = RewardClient(config.reward.address, deadline_s=config.reward.deadline_s)
+            addresses = ""
+            if dist.is_main:  # one local stack shared by all ranks
+                names = {n for spec in (config.reward.rewards, config.prune.proxy_rewards, config.reward.judge)
+                         for n, _ in cfg.parse_rewards(spec, "reward")}
+                print("starting local reward and pruner services ...", file=sys.stderr)
+                services = stack.enter_context(LocalStack(sorted(names), Path(config.out_dir) / "services", device="cpu"))
+                addresses = f"{services.reward.address}|{services.pruner.address}"
+            config.reward.address, config.pruner.address = dist.broadcast_text(addresses).split("|")
+        options = {k: v for k, v in cfg.to_dict(config)["model"].items() if k not in ("name", "device")}
+        policy = create_policy(config.model.name, **options, guidance_scale=config.sampling.guidance_scale,
+                               device=device, progress=config.progress and dist.is_main)
+        client = RewardClient
+        if config.reward.address.startswith("oip://"):  # any Open Inference Protocol server
+            from epgrpo.trainer.oip_reward import OipRewardClient as client  # imported only when used
+        reward = client.from_config(config.reward)  # replicas, TLS, token, retry budget
         stack.callback(reward.close)
-        pruner = PrunerClient(config.pruner.address, deadline_s=config.pruner.deadline_s)
+        pruner = PrunerClient.from_config(config.pruner)
         stack.callback(pruner.close)
         yield policy, reward, pruner
 
 
 def run_training(config: cfg.Config):
+    from epgrpo.trainer.clients import ServicesUnavailable
     from epgrpo.trainer.loop import Trainer
 
     with connected(config) as (policy, reward, pruner):
-        return Trainer(config, policy, reward, pruner).run()
+        trainer = Trainer(config, policy, reward, pruner)
+        try:
+            return trainer.run()
+        except ServicesUnavailable as e:  # keep what the run has (resumable), then stop with a clear message
+            e.checkpoint = trainer.checkpoint()
+            raise
 
 
 def run_analysis(config: cfg.Config, groups: int, group_size: int, keep: int):
@@ -143,6 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # config problems found when talking to the services (e.g. missing reward)
         print(f"epgrpo: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from epgrpo.trainer.clients import ServicesUnavailable
+
+        if not isinstance(e, ServicesUnavailable):
+            raise
+        saved = (f"; saved a checkpoint of the completed iterations to {e.checkpoint} (continue with "
+                 "train.resume_from=latest)" if e.checkpoint else "")
+        print(f"epgrpo: error: a service stayed unreachable, stopping: {e}{saved}", file=sys.stderr)
+        return 3
     print(summary)
     return 0
 

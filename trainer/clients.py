@@ -1,25 +1,36 @@
 """gRPC clients of the reward and pruner services, as the trainer uses them.
 
-Channels come from ``epgrpo.protos.channel`` (size limits, retries for UNAVAILABLE, round_robin
-over replicas); every call carries a deadline. Failures surface as :class:`ServiceCallError`
-naming the service, the method, the status code and the server's message.
+Channels come from ``epgrpo.protos.channel`` (size limits, round_robin over every replica,
+TLS / token, retries for UNAVAILABLE through the service config); every call carries a deadline.
+On top of the channel's few fast retries, each call is retried with backoff inside a total
+budget (:class:`RetryBudget`): a replica that dies is routed around at once, a service that
+restarts is waited for, and one that stays away ends the run with :class:`ServicesUnavailable`.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
+import time
 import uuid
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, TypeVar
 
 import grpc
 import numpy as np
 
 from epgrpo.protos import codec
-from epgrpo.protos.channel import PRUNER_SERVICE, REWARD_SERVICE, create_channel
+from epgrpo.protos.channel import PRUNER_SERVICE, REWARD_SERVICE, ChannelSecurity, create_channel, read_token
 from epgrpo.protos.v1 import pruner_pb2, pruner_pb2_grpc, reward_pb2, reward_pb2_grpc, tensor_pb2
 from epgrpo.trainer.rollout import GroupState
 
+log = logging.getLogger("epgrpo.clients")
+
 STRATEGIES = {"ovf": pruner_pb2.STRATEGY_OVF, "random": pruner_pb2.STRATEGY_RANDOM}
+# Worth retrying: the server is down/restarting, or did not answer in time. Anything else
+# (bad request, unauthenticated, unknown reward) would fail the same way again.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+T = TypeVar("T")
 
 
 class ServiceCallError(RuntimeError):
@@ -27,25 +38,105 @@ class ServiceCallError(RuntimeError):
         code = error.code() if hasattr(error, "code") else None
         details = error.details() if hasattr(error, "details") else str(error)
         super().__init__(f"{service}.{method} failed: {code.name if code else 'ERROR'}: {details}")
-        self.code = code
+        self.service, self.method, self.code = service, method, code
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE
+
+
+class ServicesUnavailable(RuntimeError):
+    """A service stayed unreachable for a whole retry budget; the run cannot go on."""
+
+    def __init__(self, what: str, budget_s: float, attempts: int, last: ServiceCallError):
+        super().__init__(f"{what}: gave up after {attempts} attempts over the {budget_s:g} s retry budget; "
+                         f"last error: {last}")
+        self.last = last
+        self.checkpoint = None  # set by whoever saves what the run has before exiting
+
+
+@dataclass
+class RetryBudget:
+    """Retries retryable :class:`ServiceCallError` s with exponential backoff until ``total_s``
+    have passed since the first failure; then raises :class:`ServicesUnavailable`."""
+
+    total_s: float = 120.0
+    initial_backoff_s: float = 0.25
+    max_backoff_s: float = 5.0
+    retries: int = 0  # retries made so far, over all calls (for metrics and tests)
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+
+    def call(self, fn: Callable[[float | None], T], what: str, on_retry: Callable[[], None] | None = None) -> T:
+        """``fn(limit)`` runs one attempt; ``limit`` is None on the first attempt, then the budget
+        left (callers clamp their deadlines to it, so giving up never waits a full deadline more)."""
+        first_failure, backoff, attempts, limit = None, self.initial_backoff_s, 0, None
+        while True:
+            attempts += 1
+            try:
+                return fn(limit)
+            except ServiceCallError as e:
+                if not e.retryable:
+                    raise
+                now = self.clock()
+                first_failure = now if first_failure is None else first_failure
+                left = self.total_s - (now - first_failure)
+                if left <= 0:
+                    raise ServicesUnavailable(what, self.total_s, attempts, e) from e
+                wait = min(backoff, left)
+                log.warning("%s: %s; retry %d in %.2f s (%.1f s of the %g s budget left)", what, e, attempts,
+                            wait, left, self.total_s)
+                self.sleep(wait)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                limit = max(0.5, left - wait)
+                self.retries += 1
+                if on_retry is not None:
+                    on_retry()
 
 
 def _specs(rewards: Sequence[tuple[str, float]]) -> list[tensor_pb2.RewardSpec]:
     return [tensor_pb2.RewardSpec(name=n, weight=w) for n, w in rewards]
 
 
+def security_from(section, token_env: str) -> ChannelSecurity:
+    """TLS + token of a RewardConfig / PrunerConfig; the token never lives in the config (it
+    is written to out_dir): it comes from ``token_file`` or the environment."""
+    token = read_token(section.token_file, (token_env, "EPGRPO_TOKEN"))
+    return ChannelSecurity(tls_ca=section.tls_ca, tls_cert=section.tls_cert, tls_key=section.tls_key,
+                           server_name=section.tls_server_name, token=token)
+
+
+def _deadline(base: float, limit: float | None) -> float:
+    return base if limit is None else min(base, limit)
+
+
 class RewardClient:
-    def __init__(self, address: str, deadline_s: float = 60.0, max_batch: int = 256):
-        self.channel = create_channel(address, [REWARD_SERVICE])
+    def __init__(self, address: str, deadline_s: float = 60.0, max_batch: int = 256,
+                 security: ChannelSecurity = ChannelSecurity(), retry_budget_s: float = 120.0):
+        self.address = address
+        self.channel = create_channel(address, [REWARD_SERVICE], security=security)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
         self.deadline_s = deadline_s
         self.max_batch = max_batch
+        self.retry = RetryBudget(retry_budget_s)
+
+    @classmethod
+    def from_config(cls, section) -> "RewardClient":
+        """From ``config.reward``; token from ``token_file``, $EPGRPO_REWARD_TOKEN or $EPGRPO_TOKEN."""
+        return cls(section.address, deadline_s=section.deadline_s, retry_budget_s=section.retry_budget_s,
+                   security=security_from(section, "EPGRPO_REWARD_TOKEN"))
+
+    def _call(self, method: str, request, what: str):
+        def attempt(limit):
+            try:
+                return getattr(self.stub, method)(request, timeout=_deadline(self.deadline_s, limit))
+            except grpc.RpcError as e:
+                raise ServiceCallError("reward", method, e) from e
+
+        return self.retry.call(attempt, f"reward service ({self.address}) {what}")
 
     def list_rewards(self) -> dict[str, str]:
-        try:
-            response = self.stub.ListRewards(reward_pb2.ListRewardsRequest(), timeout=self.deadline_s)
-        except grpc.RpcError as e:
-            raise ServiceCallError("reward", "ListRewards", e) from e
+        response = self._call("ListRewards", reward_pb2.ListRewardsRequest(), "ListRewards")
         return {r.name: r.description for r in response.rewards}
 
     def require(self, names: Sequence[str], field: str) -> None:
@@ -57,7 +148,8 @@ class RewardClient:
 
     def score(self, images: np.ndarray, prompts: Sequence[str], rewards: Sequence[tuple[str, float]],
               request_id: str = "") -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Combined scores [N] and each reward's raw scores; sent in chunks of ``max_batch``."""
+        """Combined scores [N] and each reward's raw scores; sent in chunks of ``max_batch``.
+        Scoring is idempotent, so a chunk that failed on a dead replica is simply sent again."""
         combined, raw = [], {}
         for start in range(0, len(images), self.max_batch):
             chunk = slice(start, start + self.max_batch)
@@ -65,10 +157,7 @@ class RewardClient:
                 images=codec.encode(np.ascontiguousarray(images[chunk])), prompts=list(prompts[chunk]),
                 rewards=_specs(rewards), request_id=request_id,
             )
-            try:
-                response = self.stub.Score(request, timeout=self.deadline_s)
-            except grpc.RpcError as e:
-                raise ServiceCallError("reward", "Score", e) from e
+            response = self._call("Score", request, f"Score {request_id}")
             combined.append(np.asarray(response.scores, dtype=np.float32))
             for r in response.per_reward:
                 raw.setdefault(r.name, []).append(np.asarray(r.scores, dtype=np.float32))
@@ -79,10 +168,19 @@ class RewardClient:
 
 
 class PrunerClient:
-    def __init__(self, address: str, deadline_s: float = 600.0):
-        self.channel = create_channel(address, [PRUNER_SERVICE])
+    def __init__(self, address: str, deadline_s: float = 600.0, security: ChannelSecurity = ChannelSecurity(),
+                 retry_budget_s: float = 120.0):
+        self.address = address
+        self.channel = create_channel(address, [PRUNER_SERVICE], security=security)
         self.stub = pruner_pb2_grpc.PrunerServiceStub(self.channel)
         self.deadline_s = deadline_s
+        self.retry = RetryBudget(retry_budget_s)  # a broken stream: see Trainer.iteration_with_retries
+
+    @classmethod
+    def from_config(cls, section) -> "PrunerClient":
+        """From ``config.pruner``; token from ``token_file``, $EPGRPO_PRUNER_TOKEN or $EPGRPO_TOKEN."""
+        return cls(section.address, deadline_s=section.deadline_s, retry_budget_s=section.retry_budget_s,
+                   security=security_from(section, "EPGRPO_PRUNER_TOKEN"))
 
     def open(self, schedule: Sequence[tuple[int, int]], num_steps: int, proxy_rewards: Sequence[tuple[str, float]],
              strategy: str = "ovf", seed: int = 0, decoder: str = "pixel", rollout_id: str | None = None) -> "PrunerStream":
@@ -101,10 +199,14 @@ class PrunerClient:
                                                   scores=pruner_pb2.ScoreList(values=[float(s) for s in scores])),
             keep=keep, strategy=STRATEGIES[strategy], seed=seed,
         )
-        try:
-            return list(self.stub.Prune(request, timeout=self.deadline_s).survivor_ids)
-        except grpc.RpcError as e:
-            raise ServiceCallError("pruner", "Prune", e) from e
+
+        def attempt(limit):
+            try:
+                return list(self.stub.Prune(request, timeout=_deadline(self.deadline_s, limit)).survivor_ids)
+            except grpc.RpcError as e:
+                raise ServiceCallError("pruner", "Prune", e) from e
+
+        return self.retry.call(attempt, f"pruner service ({self.address}) Prune {group_id}")
 
     def close(self) -> None:
         self.channel.close()
@@ -112,7 +214,8 @@ class PrunerClient:
 
 class PrunerStream:
     """One bidirectional stream per rollout; ``decide`` sends every group's checkpoint, then
-    reads one decision per group (pipelined)."""
+    reads one decision per group (pipelined). A broken stream is not resumed: the rollout is
+    run again from the start (its noise is seeded, so it is the same rollout)."""
 
     def __init__(self, stub, open_message: pruner_pb2.OpenRollout, deadline_s: float):
         self._requests: queue.Queue = queue.Queue()
@@ -133,6 +236,8 @@ class PrunerStream:
                 decisions[d.group_id] = list(d.survivor_ids)
         except grpc.RpcError as e:
             raise ServiceCallError("pruner", "PruneRollout", e) from e
+        except StopIteration:
+            raise ServiceCallError("pruner", "PruneRollout", _Ended()) from None
         return decisions
 
     def close(self) -> None:
@@ -148,3 +253,13 @@ class PrunerStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Ended(grpc.RpcError):
+    """The server closed the stream before answering every group (e.g. while shutting down)."""
+
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "the pruning stream ended before every group had its decision"

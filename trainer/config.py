@@ -26,12 +26,25 @@ def opt(default, help: str):
 
 @dataclass
 class ModelConfig:
-    name: str = opt("toy_digits", "policy adapter from the registry (toy_digits)")
-    path: str = opt("", "local directory of the model; empty = the cached toy base model (pretrained on first use)")
+    name: str = opt("toy_digits", "policy adapter: toy_digits | sd3 | package.module:name (a plugin module that "
+                    "registers its adapter with epgrpo.trainer.policy.base.register_policy)")
+    path: str = opt("", "model directory or hub id (sd3: a StableDiffusion3Pipeline, e.g. "
+                    "stabilityai/stable-diffusion-3.5-medium); toy: empty = the cached base model (pretrained on first use)")
     pretrain_steps: int = opt(120, "toy model: rectified-flow pretraining steps for the base model (cached by recipe)")
     lora_rank: int = opt(0, "LoRA rank (peft); 0 = full fine-tuning against a frozen reference copy")
     lora_alpha: float = opt(0.0, "LoRA alpha; 0 = 2 x rank")
-    device: str = opt("auto", "auto (cuda when present, else cpu), cpu or cuda[:i]")
+    lora_targets: str = opt("", "comma-separated module-name suffixes LoRA adapts; empty = every attention projection "
+                            "(attn.to_q/k/v, attn.to_out.0, attn.add_q/k/v_proj, attn.to_add_out, as Flow-GRPO)")
+    device: str = opt("auto", "auto (cuda when present, else cpu), cpu or cuda[:i]; under accelerate launch each "
+                      "rank uses its own GPU")
+    dtype: str = opt("auto", "compute dtype: auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16; trainable "
+                     "weights stay fp32 and SDE log-probs are computed in fp32")
+    resolution: int = opt(0, "sd3: image side in pixels; 0 = the model's default (1024 for SD3.5-M; Flow-GRPO trains at 512)")
+    max_sequence_length: int = opt(128, "sd3: T5 tokens per prompt")
+    text_encoder_3: bool = opt(True, "sd3: load the T5 text encoder (false: zeros in its place, saves ~9 GiB)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, slower)")
+    preview_decoder: str = opt("", "name of the pruner's decoder for x0-previews; empty = the adapter's default "
+                               "(toy: pixel, sd3: vae, i.e. the pruner started with --vae DIR)")
 
 
 @dataclass
@@ -40,6 +53,11 @@ class SamplingConfig:
     shift: float = opt(1.0, "time shift of the sigma grid (SD3 uses 3.0)")
     noise_level: float = opt(0.7, "SDE noise level a (Flow-GRPO default 0.7)")
     sde_last_step: bool = opt(False, "stochastic last step; default deterministic (ODE) and excluded from the loss")
+    guidance_scale: float = opt(1.0, "classifier-free guidance scale (sd3; > 1 runs both branches: 2 NFE per sample; "
+                                "Flow-GRPO uses 4.5); the toy model has no guidance")
+    sde_window_size: int = opt(0, "Flow-GRPO-Fast: only this many consecutive steps are stochastic (and trained), at a "
+                               "random position per iteration; 0 = every step but the last")
+    sde_window_range: list = opt([], "[lo, hi]: the SDE window lies within steps lo..hi-1; empty = [0, num_steps // 2]")
 
 
 @dataclass
@@ -64,22 +82,54 @@ class TrainConfig:
     global_std: bool = opt(False, "normalise advantages by the std over all groups")
     inner_epochs: int = opt(1, "optimisation passes over each iteration's samples")
     max_grad_norm: float = opt(1.0, "gradient-norm clipping")
-    train_batch_size: int = opt(64, "trajectories per forward pass when computing the loss")
+    train_batch_size: int = opt(64, "trajectories per forward pass when computing the loss (per rank)")
+    gradient_accumulation: int = opt(0, "micro-batches of train_batch_size per optimizer step; 0 = one optimizer "
+                                     "step per inner epoch over all of the iteration's samples")
+    timestep_fraction: float = opt(1.0, "fraction of the SDE steps trained on, drawn per iteration (Flow-GRPO)")
+    stat_buffer: int = opt(0, "per-prompt advantage statistics: 0 = this iteration's survivors of each prompt "
+                           "(Flow-GRPO); N = the prompt's last N rewards across iterations (DDPO)")
+    stat_min_count: int = opt(0, "with stat_buffer: prompts with fewer rewards use the whole batch's mean/std")
+    lr_schedule: str = opt("constant", "constant | constant_with_warmup | linear | cosine (over train.iterations)")
+    lr_warmup_iterations: int = opt(0, "iterations of linear LR warm-up")
+    ema: bool = opt(False, "keep an EMA of the trainable weights; evaluation and the exported weights use it")
+    ema_decay: float = opt(0.9, "EMA decay (warmed up as min(decay, (1 + n) / (10 + n)), as Flow-GRPO)")
+    ema_every: int = opt(1, "optimizer steps between EMA updates")
+    checkpoint_every: int = opt(0, "save a checkpoint every N iterations (plus one after the last); 0 = only the last")
+    checkpoint_keep: int = opt(2, "iteration checkpoints kept in out_dir/checkpoints; 0 = all")
+    resume_from: str = opt("", "checkpoint directory to resume from, or 'latest' (the newest in out_dir/checkpoints; "
+                           "a fresh start if there is none); give the same config")
+    prompt_file: str = opt("", "training prompts, one per line; empty = the ten digit prompts of the toy task")
     seed: int = opt(0, "run seed (prompts, per-sample noise)")
 
 
 @dataclass
 class RewardConfig:
-    address: str = opt("127.0.0.1:50051", "reward service host:port (several, comma-separated, are load-balanced)")
+    address: str = opt("127.0.0.1:50051", "reward service host:port; several replicas as host:port,host:port (IPs) "
+                       "or one DNS name resolving to all of them, dns:///name:port (round robin either way)")
     rewards: str = opt("digit:1.0", "training rewards, 'name:weight,...' (combined by the reward service)")
     judge: str = opt("digit_judge", "held-out evaluation reward, never trained against; empty to skip")
     deadline_s: float = opt(60.0, "deadline of each reward call, seconds")
+    retry_budget_s: float = opt(120.0, "retry a failing reward call (UNAVAILABLE, DEADLINE_EXCEEDED) with backoff "
+                                "for up to this many seconds, then save a checkpoint and stop")
+    tls_ca: str = opt("", "PEM CA that signed the reward server's certificate (turns TLS on); 'system' = system roots")
+    tls_cert: str = opt("", "PEM client certificate, for servers that require mutual TLS")
+    tls_key: str = opt("", "PEM private key of tls_cert")
+    tls_server_name: str = opt("", "name to check in the server certificate when it differs from the address host")
+    token_file: str = opt("", "file holding the bearer token; empty = $EPGRPO_REWARD_TOKEN, else $EPGRPO_TOKEN, "
+                          "else none (tokens are never part of the config: it is saved with the run)")
 
 
 @dataclass
 class PrunerConfig:
-    address: str = opt("127.0.0.1:50052", "pruner service host:port")
+    address: str = opt("127.0.0.1:50052", "pruner service host:port (same forms as reward.address)")
     deadline_s: float = opt(600.0, "deadline of a rollout's pruning stream, seconds")
+    retry_budget_s: float = opt(120.0, "re-run an iteration whose pruning stream broke (pruner or its reward service "
+                                "unavailable) with backoff for up to this many seconds, then save a checkpoint and stop")
+    tls_ca: str = opt("", "PEM CA of the pruner server's certificate (turns TLS on); 'system' = system roots")
+    tls_cert: str = opt("", "PEM client certificate, for servers that require mutual TLS")
+    tls_key: str = opt("", "PEM private key of tls_cert")
+    tls_server_name: str = opt("", "name to check in the server certificate when it differs from the address host")
+    token_file: str = opt("", "file holding the bearer token; empty = $EPGRPO_PRUNER_TOKEN, else $EPGRPO_TOKEN")
 
 
 @dataclass
@@ -87,6 +137,9 @@ class EvalConfig:
     every: int = opt(5, "evaluate every N iterations (and before the first and after the last)")
     samples_per_prompt: int = opt(8, "ODE samples per digit prompt, fixed seeds")
     seed: int = opt(1234, "seed of the evaluation noise")
+    prompt_file: str = opt("", "evaluation prompts, one per line; empty = the training prompts")
+    max_prompts: int = opt(10, "evaluate on the first N evaluation prompts")
+    num_steps: int = opt(0, "ODE steps of evaluation sampling; 0 = sampling.num_steps")
 
 
 @dataclass
@@ -242,11 +295,66 @@ def validate(c: Config) -> None:
                        ("eval.samples_per_prompt", c.eval.samples_per_prompt)]:
         need(value >= 1, key, ">= 1", value)
     need(c.eval.every >= 0, "eval.every", ">= 0", c.eval.every)
+    for key, value in [("reward.deadline_s", c.reward.deadline_s), ("pruner.deadline_s", c.pruner.deadline_s)]:
+        need(math.isfinite(value) and value > 0, key, "a finite number of seconds > 0", value)
+    for key, value in [("reward.retry_budget_s", c.reward.retry_budget_s),
+                       ("pruner.retry_budget_s", c.pruner.retry_budget_s)]:
+        need(math.isfinite(value) and value >= 0, key, "a finite number of seconds >= 0 (0 = no retries)", value)
+    for name in ("reward", "pruner"):
+        section = getattr(c, name)
+        need(bool(section.tls_cert) == bool(section.tls_key), f"{name}.tls_cert", "tls_cert and tls_key together",
+             (section.tls_cert, section.tls_key))
     need(bool(parse_rewards(c.reward.rewards, "reward.rewards")), "reward.rewards", "at least one reward", c.reward.rewards)
     parse_rewards(c.prune.proxy_rewards, "prune.proxy_rewards")
     need(c.model.lora_rank >= 0, "model.lora_rank", ">= 0", c.model.lora_rank)
     need(c.model.device == "auto" or c.model.device.split(":")[0] in ("cpu", "cuda"), "model.device",
          "auto, cpu or cuda[:i]", c.model.device)
+    validate_policy_options(c, need)
+
+
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+def sde_window_range(c: Config) -> tuple[int, int]:
+    lo, hi = c.sampling.sde_window_range or [0, c.sampling.num_steps // 2]
+    return lo, hi
+
+
+def validate_policy_options(c: Config, need) -> None:
+    """Model, SDE-window, optimisation and checkpoint options (issue 3)."""
+    need(c.model.dtype in ("auto", "fp32", "bf16", "fp16"), "model.dtype", "auto | fp32 | bf16 | fp16", c.model.dtype)
+    need(c.model.resolution >= 0, "model.resolution", ">= 0", c.model.resolution)
+    need(c.model.max_sequence_length >= 1, "model.max_sequence_length", ">= 1", c.model.max_sequence_length)
+    need(c.model.lora_alpha >= 0, "model.lora_alpha", ">= 0", c.model.lora_alpha)
+    g = c.sampling.guidance_scale
+    need(math.isfinite(g) and g >= 1.0, "sampling.guidance_scale", "a finite number >= 1 (1 = no guidance)", g)
+    size, window = c.sampling.sde_window_size, c.sampling.sde_window_range
+    need(size >= 0, "sampling.sde_window_size", ">= 0", size)
+    need(len(window) in (0, 2), "sampling.sde_window_range", "[] or [lo, hi]", window)
+    if size:
+        lo, hi = sde_window_range(c)
+        need(0 <= lo and hi <= c.sampling.num_steps and hi - lo >= size, "sampling.sde_window_range",
+             f"0 <= lo, hi <= num_steps={c.sampling.num_steps}, hi - lo >= sde_window_size={size}", [lo, hi])
+    t = c.train
+    need(0 < t.timestep_fraction <= 1, "train.timestep_fraction", "in (0, 1]", t.timestep_fraction)
+    for key, value in [("train.gradient_accumulation", t.gradient_accumulation), ("train.stat_buffer", t.stat_buffer),
+                       ("train.stat_min_count", t.stat_min_count), ("train.lr_warmup_iterations", t.lr_warmup_iterations),
+                       ("train.checkpoint_every", t.checkpoint_every), ("train.checkpoint_keep", t.checkpoint_keep),
+                       ("eval.num_steps", c.eval.num_steps)]:
+        need(value >= 0, key, ">= 0", value)
+    need(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", " | ".join(LR_SCHEDULES), t.lr_schedule)
+    need(0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1)", t.ema_decay)
+    need(t.ema_every >= 1, "train.ema_every", ">= 1", t.ema_every)
+    need(c.eval.max_prompts >= 1, "eval.max_prompts", ">= 1", c.eval.max_prompts)
+
+
+def check_paths(c: Config) -> None:
+    """Files the run will read; checked before any model is loaded (kept out of ``validate`` so
+    that a config written for another machine still loads and prints)."""
+    for key, path in [("train.prompt_file", c.train.prompt_file), ("eval.prompt_file", c.eval.prompt_file),
+                      ("train.resume_from", "" if c.train.resume_from in ("", "latest") else c.train.resume_from)]:
+        if path and not Path(path).exists():
+            raise ValueError(f"{key}: expected an existing {'directory' if 'resume' in key else 'file'}, got {path!r}")
 
 
 def to_dict(config: Config) -> dict:

@@ -2,6 +2,7 @@
 
 The services run exactly as a user would start them (``python -m epgrpo.services.<x>.main``); the
 trainer only talks to them over gRPC. Each binds port 0 and reports its port through a file.
+``LocalService`` also starts replicas on other loopback addresses, with TLS or tokens (tests).
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from epgrpo.protos.channel import ChannelSecurity
+
 log = logging.getLogger("epgrpo.launch")
 
 
 class LocalService:
-    def __init__(self, name: str, module: str, args: list[str], log_dir: Path, startup_timeout_s: float = 300.0):
+    """One service process; ``address`` once it reports SERVING. ``env`` is added to the
+    environment; ``security`` is what the readiness probe needs (a TLS server's CA, ...)."""
+
+    def __init__(self, name: str, module: str, args: list[str], log_dir: Path, startup_timeout_s: float = 300.0,
+                 host: str = "127.0.0.1", env: dict[str, str] | None = None,
+                 security: ChannelSecurity = ChannelSecurity()):
         self.name = name
         self._tmp = tempfile.TemporaryDirectory(prefix=f"epgrpo-{name}-")
         port_file = Path(self._tmp.name) / "port"
@@ -30,8 +38,8 @@ class LocalService:
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", module, "--port", "0", "--port-file", str(port_file), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [sys.executable, "-m", module, "--host", host, "--port", "0", "--port-file", str(port_file), *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         deadline = time.monotonic() + startup_timeout_s
         while not port_file.exists():
@@ -41,8 +49,13 @@ class LocalService:
                 self.stop()
                 raise TimeoutError(f"{name} service did not start within {startup_timeout_s:.0f}s; see {self.log_path}")
             time.sleep(0.05)
-        self.address = f"127.0.0.1:{int(port_file.read_text())}"
-        wait_serving(self.address, timeout_s=max(1.0, deadline - time.monotonic()))
+        self.port = int(port_file.read_text())
+        self.address = f"{host}:{self.port}"
+        try:
+            wait_serving(self.address, timeout_s=max(1.0, deadline - time.monotonic()), security=security)
+        except BaseException:
+            self.stop()  # never leave a half-started process behind
+            raise
         log.info("%s service serving at %s (log: %s)", name, self.address, self.log_path)
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
@@ -57,11 +70,19 @@ class LocalService:
         self._tmp.cleanup()
         return self.process.returncode
 
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to drain or say goodbye (fault injection)."""
+        self.process.kill()
+        self.process.wait()
 
-def wait_serving(address: str, timeout_s: float = 30.0) -> None:
-    """Polls the gRPC health service until it reports SERVING."""
+
+def wait_serving(address: str, timeout_s: float = 30.0, security: ChannelSecurity = ChannelSecurity()) -> None:
+    """Polls the gRPC health service (no token needed) until it reports SERVING."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    credentials = security.credentials()
+    options = [("grpc.ssl_target_name_override", security.server_name)] if security.server_name else []
+    channel = grpc.secure_channel(address, credentials, options=options) if credentials else grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

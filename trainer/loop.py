@@ -2,31 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from epgrpo.trainer import config as cfg
-from epgrpo.trainer.clients import PrunerClient, RewardClient
-from epgrpo.trainer.grpo import group_advantages
-from epgrpo.trainer.optimize import policy_update
+from epgrpo.trainer.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                       save_checkpoint)
+from epgrpo.trainer.clients import PrunerClient, RetryBudget, RewardClient, ServicesUnavailable
+from epgrpo.trainer.distributed import Distributed
+from epgrpo.trainer.ema import EMA
+from epgrpo.trainer.grpo import PromptStatTracker
+from epgrpo.trainer.optimize import policy_update, trained_steps
 from epgrpo.trainer.policy.base import PolicyAdapter
 from epgrpo.trainer.report import MetricsWriter, plot_curves, save_grid
-from epgrpo.trainer.rollout import RolloutResult, rollout, sample_ode, sample_seeds
+from epgrpo.trainer.rollout import RolloutResult, rollout, sample_ode, sample_seeds, sde_window, train_step_subset
 from epgrpo.trainer.sde import sigma_grid
 
 log = logging.getLogger("epgrpo.trainer")
 
 DIGIT_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
+
+
+def load_prompts(path: str, field: str) -> list[str]:
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{field}: {path} holds no prompt")
+    return prompts
 
 
 def resolve_device(name: str) -> str:
@@ -36,11 +48,13 @@ def resolve_device(name: str) -> str:
 
 
 class Trainer:
-    def __init__(self, config: cfg.Config, policy: PolicyAdapter, reward: RewardClient, pruner: PrunerClient):
+    def __init__(self, config: cfg.Config, policy: PolicyAdapter, reward: RewardClient, pruner: PrunerClient,
+                 dist: Distributed | None = None):
         self.c = config
         self.policy = policy
         self.reward = reward
         self.pruner = pruner
+        self.dist = dist or Distributed(device=str(policy.device))
         self.rewards = cfg.parse_rewards(config.reward.rewards, "reward.rewards")
         self.proxy_rewards = cfg.parse_rewards(config.prune.proxy_rewards, "prune.proxy_rewards") or self.rewards
         self.judge = cfg.parse_rewards(config.reward.judge, "reward.judge")
@@ -48,12 +62,31 @@ class Trainer:
         self.keep = cfg.final_keep(config)
         self.sigmas = sigma_grid(config.sampling.num_steps, config.sampling.shift).to(policy.device)
         self.out = Path(config.out_dir)
-        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.train.lr,
-                                           weight_decay=config.train.weight_decay)
-        self.prompts = DIGIT_PROMPTS  # the embedded task's prompt set
-        self.rng = random.Random(config.train.seed)
+        self.eval_sigmas = sigma_grid(config.eval.num_steps or config.sampling.num_steps, config.sampling.shift)
+        self.eval_sigmas = self.eval_sigmas.to(policy.device)
+        t = config.train
+        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.lr_warmup_iterations,
+                                          num_training_steps=t.iterations)  # stepped once per iteration
+        self.ema = EMA(policy.trainable_parameters(), t.ema_decay, t.ema_every) if t.ema else None
+        self.tracker = PromptStatTracker(t.stat_buffer, t.stat_min_count, t.global_std, clip=t.adv_clip)
+        # the embedded task's digit prompts unless a prompt file is given
+        self.prompts = load_prompts(t.prompt_file, "train.prompt_file") if t.prompt_file else DIGIT_PROMPTS
+        eval_prompts = load_prompts(config.eval.prompt_file, "eval.prompt_file") if config.eval.prompt_file else self.prompts
+        self.eval_prompts = eval_prompts[:config.eval.max_prompts]
+        self.prompts_per_iteration = min(t.prompts_per_iteration, len(self.prompts))
+        if self.prompts_per_iteration % self.dist.world_size:
+            raise ValueError(f"train.prompts_per_iteration: expected a multiple of the {self.dist.world_size} ranks "
+                             f"(whole groups per rank), got {self.prompts_per_iteration}")
+        self.rng = random.Random(t.seed)  # prompt sampler; identical on every rank
         self.nfe_cumulative = 0
         self.nfe_full_cumulative = 0
+        self.completed_iteration = 0
+
+    def config_dict(self) -> dict:
+        return cfg.to_dict(self.c)
 
     def check_services(self) -> None:
         """Fails fast, before any work, if a reward we need is not served."""
@@ -64,10 +97,12 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, iteration: int) -> tuple[dict, np.ndarray]:
+        """ODE samples of the evaluation prompts with fixed seeds (with the EMA weights, if kept)."""
         n = self.c.eval.samples_per_prompt
-        prompts = [p for p in self.prompts for _ in range(n)]
+        prompts = [p for p in self.eval_prompts for _ in range(n)]
         seeds = [self.c.eval.seed * 100_003 + k for k in range(len(prompts))]  # fixed across evaluations
-        images = self.policy.decode(sample_ode(self.policy, prompts, seeds, self.sigmas))
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            images = self.policy.decode(sample_ode(self.policy, prompts, seeds, self.eval_sigmas))
         reward, _ = self.reward.score(images, prompts, self.rewards, request_id=f"eval-{iteration}")
         record = {"iteration": iteration, "reward": float(reward.mean())}
         if self.judge:
@@ -76,18 +111,32 @@ class Trainer:
         return record, images
 
     # -- one iteration ------------------------------------------------------------------------
-    def sample(self, iteration: int, prompts: list[str]) -> RolloutResult:
+    def sde_steps(self, iteration: int) -> list[int] | None:
+        """The stochastic steps of this iteration's rollouts (None = every step but the last)."""
+        s = self.c.sampling
+        if not s.sde_window_size:
+            return None
+        lo, hi = cfg.sde_window_range(self.c)
+        return sde_window(s.num_steps, s.sde_window_size, lo, hi, self.c.train.seed, iteration)
+
+    def sample(self, iteration: int, prompts: list[str], first_group: int = 0) -> RolloutResult:
+        """This rank's groups; group ``g`` of the list is global group ``first_group + g``, and its
+        trajectories take the seeds of their global index (ranks never share noise, and the
+        samples do not depend on the number of ranks)."""
         c = self.c
-        group_ids = [f"it{iteration}-g{g}" for g in range(len(prompts))]
-        seeds = sample_seeds(c.train.seed, iteration, len(prompts) * c.prune.group_size)
+        group_ids = [f"it{iteration}-g{first_group + g}" for g in range(len(prompts))]
+        size = c.prune.group_size
+        seeds = sample_seeds(c.train.seed, iteration, self.prompts_per_iteration * size)
+        seeds = seeds[first_group * size:(first_group + len(prompts)) * size]
         kwargs = dict(noise_level=c.sampling.noise_level, seeds=seeds, sde_last_step=c.sampling.sde_last_step,
-                      group_ids=group_ids)
+                      group_ids=group_ids, sde_steps=self.sde_steps(iteration))
         if not self.schedule:
             return rollout(self.policy, prompts, c.prune.group_size, self.sigmas, **kwargs)
         strategy = "random" if c.prune.mode == "random_prune" else "ovf"
         with self.pruner.open(self.schedule, c.sampling.num_steps, self.proxy_rewards, strategy,
-                              seed=c.prune.seed * 1_000_003 + iteration, decoder=self.policy.preview_decoder,
-                              rollout_id=f"it{iteration}") as stream:
+                              seed=c.prune.seed * 1_000_003 + iteration,
+                              decoder=c.model.preview_decoder or self.policy.preview_decoder,
+                              rollout_id=f"it{iteration}-r{self.dist.rank}") as stream:
             return rollout(self.policy, prompts, c.prune.group_size, self.sigmas, schedule=self.schedule,
                            pruner=stream, **kwargs)
 
@@ -102,80 +151,161 @@ class Trainer:
         return torch.tensor(sorted(rows), device=batch.group_index.device)
 
     def iteration(self, iteration: int) -> dict:
-        c = self.c
+        c, dist = self.c, self.dist
         start = time.perf_counter()
-        prompts = self.rng.sample(self.prompts, min(c.train.prompts_per_iteration, len(self.prompts)))
+        # every rank draws the same prompts and takes its own contiguous share of whole groups
+        prompts = self.rng.sample(self.prompts, self.prompts_per_iteration)
+        per_rank = len(prompts) // dist.world_size
+        first_group = dist.rank * per_rank
         self.policy.train(False)
-        batch = self.sample(iteration, prompts)
+        batch = self.sample(iteration, prompts[first_group:first_group + per_rank], first_group)
         rollout_s = time.perf_counter() - start
         images = self.policy.decode(batch.final)
-        rewards, raw = self.reward.score(images, batch.prompts, self.rewards, request_id=f"it{iteration}")
-        all_rewards = rewards
+        rewards, raw = self.reward.score(images, batch.prompts, self.rewards, request_id=f"it{iteration}-r{dist.rank}")
+        all_rewards = dist.gather(torch.from_numpy(rewards).double()).numpy()
         if c.prune.mode == "full_ovf":
             rows = self.select_after_sampling(batch, rewards, iteration)
             batch, rewards = batch.keep(rows), rewards[rows.cpu().numpy()]
+        # all ranks see all kept rewards: identical advantages and stat tracker everywhere
+        kept_rewards = dist.gather(torch.from_numpy(rewards).double())
+        kept_groups = dist.gather(batch.group_index.cpu() + first_group)
+        nfe, nfe_full = (int(v) for v in dist.sum([batch.nfe, batch.nfe_full]))
         record = {
-            "iteration": iteration, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-            "reward_mean_all_final": float(all_rewards.mean()), "kept": len(rewards),
-            "nfe": batch.nfe, "nfe_full": batch.nfe_full,
-            "survivors_per_step": batch.survivors_per_step,
+            "iteration": iteration, "reward_mean": float(kept_rewards.mean()),
+            "reward_std": float(kept_rewards.std(unbiased=False)),
+            "reward_mean_all_final": float(all_rewards.mean()), "kept": len(kept_rewards),
+            "nfe": nfe, "nfe_full": nfe_full,
+            "survivors_per_step": [int(v) for v in dist.sum(batch.survivors_per_step)],
         }
-        self.nfe_cumulative += batch.nfe
-        self.nfe_full_cumulative += batch.nfe_full
+        self.nfe_cumulative += nfe
+        self.nfe_full_cumulative += nfe_full
         record["nfe_cumulative"] = self.nfe_cumulative
-        if not np.isfinite(rewards).all():
-            record["skipped"] = f"{int((~np.isfinite(rewards)).sum())} non-finite rewards; weights untouched"
+        if not torch.isfinite(kept_rewards).all():
+            record["skipped"] = f"{int((~torch.isfinite(kept_rewards)).sum())} non-finite rewards; weights untouched"
             log.warning("iteration %d skipped: %s", iteration, record["skipped"])
         else:
-            advantages = group_advantages(torch.from_numpy(rewards), batch.group_index.cpu(), clip=c.train.adv_clip,
-                                          global_std=c.train.global_std)
+            advantages = self.tracker.advantages([prompts[g] for g in kept_groups.tolist()], kept_rewards)
+            mine = slice(dist.rank * len(rewards), (dist.rank + 1) * len(rewards))
+            train_steps = train_step_subset(trained_steps(batch), c.train.timestep_fraction, c.train.seed, iteration)
             train_start = time.perf_counter()
-            stats = policy_update(self.policy, self.optimizer, batch, advantages, self.sigmas,
+            stats = policy_update(self.policy, self.optimizer, batch, advantages[mine], self.sigmas,
                                   noise_level=c.sampling.noise_level, clip_range=c.train.clip_range, beta=c.train.beta,
                                   inner_epochs=c.train.inner_epochs, max_grad_norm=c.train.max_grad_norm,
-                                  train_batch_size=c.train.train_batch_size)
-            record.update({k: v for k, v in asdict(stats[-1]).items() if k != "skipped"})
+                                  train_batch_size=c.train.train_batch_size,
+                                  gradient_accumulation=c.train.gradient_accumulation, train_steps=train_steps,
+                                  sync_gradients=dist.all_reduce_mean_,
+                                  after_step=self.ema.step if self.ema is not None else None)
+            last = asdict(stats[-1])
+            keys = [k for k, v in last.items() if isinstance(v, float)]
+            record.update(zip(keys, dist.mean([last[k] for k in keys])))  # mean over ranks
+            record["optimizer_steps"] = sum(s.optimizer_steps for s in stats)
+            record["trained_steps"] = train_steps
             if any(s.skipped for s in stats):
                 record["skipped"] = next(s.skipped for s in stats if s.skipped)
                 log.warning("iteration %d: optimizer step skipped: %s", iteration, record["skipped"])
             record["train_s"] = time.perf_counter() - train_start
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # stepped every iteration, also when the update was skipped
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.lr_scheduler.step()
         for name, values in raw.items():
-            record[f"reward/{name}"] = float(values.mean())
+            record[f"reward/{name}"] = dist.mean([float(values.mean())])[0]
         record["rollout_s"] = rollout_s
         record["iteration_s"] = time.perf_counter() - start
         return record
 
+    def iteration_with_retries(self, iteration: int) -> dict:
+        """``iteration`` run again from its start when a service call failed retryably (e.g. the
+        pruning stream broke because a replica died), within ``pruner.retry_budget_s``. Every
+        remote call precedes the optimizer step, so a failed attempt changed no weights; the
+        prompt sampler and NFE counters are rewound, so the retry is the same iteration, counted once."""
+        state = (self.rng.getstate(), self.nfe_cumulative, self.nfe_full_cumulative)
+        budget = RetryBudget(self.c.pruner.retry_budget_s)
+
+        def rewind():
+            self.rng.setstate(state[0])
+            self.nfe_cumulative, self.nfe_full_cumulative = state[1], state[2]
+
+        try:
+            record = budget.call(lambda _limit: self.iteration(iteration), f"iteration {iteration}", on_retry=rewind)
+        except ServicesUnavailable:
+            rewind()  # a checkpoint saved now must resume exactly at this iteration
+            raise
+        if budget.retries:
+            record["service_retries"] = budget.retries
+        return record
+
     # -- the run ------------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Restores the checkpoint named by train.resume_from; returns the last completed iteration."""
+        source = self.c.train.resume_from
+        if not source:
+            return 0
+        path = latest_checkpoint(self.out) if source == "latest" else Path(source)
+        if path is None:
+            log.info("train.resume_from=latest: no checkpoint in %s yet, starting fresh", self.out / "checkpoints")
+            return 0
+        done = load_checkpoint(self, path)
+        log.info("resumed from %s after iteration %d", path, done)
+        return done
+
+    def checkpoint(self) -> Path:
+        path = save_checkpoint(self, checkpoint_dir(self.out, self.completed_iteration))
+        if self.dist.is_main:
+            prune_checkpoints(self.out, self.c.train.checkpoint_keep)
+        return path
+
+    @staticmethod
+    def _read_jsonl(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
     def run(self) -> Path:
-        c = self.c
+        c, main = self.c, self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(c), indent=2))
         self.check_services()
-        writer = MetricsWriter(self.out)
+        done = self.resume()
+        if main:
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(c), indent=2))
+            if done == 0:  # a fresh run never appends to an earlier run's metrics
+                for name in ("metrics.jsonl", "eval.jsonl"):
+                    (self.out / name).unlink(missing_ok=True)
+        writer = MetricsWriter(self.out, purge_step=done + 1) if main else None
         start = time.perf_counter()
-        evals, iterations = [], []
-        first, first_images = self.evaluate(0)
-        evals.append(first)
-        writer.write("eval", first, 0)
-        save_grid(first_images, self.out / "samples_first.png", columns=c.eval.samples_per_prompt)
-        last_images = first_images
-        bar = tqdm(range(1, c.train.iterations + 1), desc=f"GRPO ({c.prune.mode})", disable=not c.progress)
+        evals, iterations = self._read_jsonl(self.out / "eval.jsonl"), self._read_jsonl(self.out / "metrics.jsonl")
+        last_images = None
+        if done == 0 and main:
+            first, last_images = self.evaluate(0)
+            evals = [first]
+            writer.write("eval", first, 0)
+            save_grid(last_images, self.out / "samples_first.png", columns=c.eval.samples_per_prompt)
+        bar = tqdm(range(done + 1, c.train.iterations + 1), desc=f"GRPO ({c.prune.mode})",
+                   disable=not c.progress or not main)
         for it in bar:
-            record = self.iteration(it)
+            record = self.iteration_with_retries(it)
+            self.completed_iteration = it
             iterations.append(record)
-            writer.write("metrics", record, it)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", nfe=f"{record['nfe']}/{record['nfe_full']}")
-            if (c.eval.every and it % c.eval.every == 0) or it == c.train.iterations:
-                e, last_images = self.evaluate(it)
-                evals.append(e)
-                writer.write("eval", e, it)
-                bar.write(f"eval @ {it}: reward {e['reward']:.3f}" + (f", judge {e['judge']:.3f}" if "judge" in e else ""))
+            if main:
+                writer.write("metrics", record, it)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}", nfe=f"{record['nfe']}/{record['nfe_full']}")
+                if (c.eval.every and it % c.eval.every == 0) or it == c.train.iterations:
+                    e, last_images = self.evaluate(it)
+                    evals.append(e)
+                    writer.write("eval", e, it)
+                    bar.write(f"eval @ {it}: reward {e['reward']:.3f}" + (f", judge {e['judge']:.3f}" if "judge" in e else ""))
+            if (c.train.checkpoint_every and it % c.train.checkpoint_every == 0) or it == c.train.iterations:
+                if main:
+                    writer.flush()
+                self.checkpoint()
         wall = time.perf_counter() - start
+        if not main:
+            return self.out / "summary.json"
         writer.close()
+        if last_images is None:  # resumed after the last iteration: nothing was sampled in this process
+            e, last_images = self.evaluate(self.completed_iteration)
         save_grid(last_images, self.out / "samples_last.png", columns=c.eval.samples_per_prompt)
         plot_curves(evals, iterations, self.out / "reward_curve.png", f"{c.prune.mode}, {c.model.name}")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.state_dict().items()},
-                  self.out / "policy.safetensors")
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            exported = self.policy.export(self.out)
         summary = {
             "mode": c.prune.mode,
             "iterations": c.train.iterations,
@@ -190,6 +320,8 @@ class Trainer:
             "skipped_iterations": sum(1 for r in iterations if "skipped" in r),
             "rewards": c.reward.rewards,
             "judge": c.reward.judge,
+            "ranks": self.dist.world_size,
+            "trained_weights": [str(p) for p in exported],
         }
         path = self.out / "summary.json"
         path.write_text(json.dumps(summary, indent=2))

@@ -1,9 +1,10 @@
-"""One GRPO policy update on an iteration's kept trajectories (the loss side of the loop)."""
+"""GRPO policy updates on an iteration's kept trajectories (the loss side of the loop)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -21,14 +22,19 @@ class UpdateStats:
     ratio_mean: float
     clip_fraction: float
     approx_kl: float
-    grad_norm: float
+    grad_norm: float  # mean over the epoch's optimizer steps (before clipping)
     logp_drift: float  # max |rollout log-prob - recomputed log-prob| before the update
-    skipped: str = ""  # reason the optimizer step was skipped, if it was
+    optimizer_steps: int = 0
+    skipped: str = ""  # reason an optimizer step was skipped, if one was
 
 
 def trained_steps(batch: RolloutResult) -> list[int]:
     """The SDE steps (ODE steps have no log-prob and are not trained on)."""
     return [i for i in range(batch.log_probs.shape[1]) if torch.isfinite(batch.log_probs[:, i]).all()]
+
+
+def _chunks(count: int, size: int, device) -> list[torch.Tensor]:
+    return [torch.arange(s, min(s + size, count), device=device) for s in range(0, count, size)]
 
 
 def policy_update(
@@ -44,58 +50,98 @@ def policy_update(
     inner_epochs: int,
     max_grad_norm: float,
     train_batch_size: int,
+    gradient_accumulation: int = 0,
+    train_steps: Sequence[int] | None = None,
+    sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> list[UpdateStats]:
-    """Clipped GRPO + KL over every (trajectory, SDE step); one optimizer step per inner epoch.
+    """Clipped GRPO + KL over every (trajectory, trained step).
 
-    The old log-probs are recomputed with the unchanged parameters in the same batches as the
-    new ones, so the first epoch's ratio is exactly 1 (the rollout's own log-probs can differ in
-    the last bits when batch composition differs; that drift is reported as ``logp_drift``).
+    Trajectories go through the network in micro-batches of ``train_batch_size`` (all trained
+    steps of a micro-batch are accumulated); an optimizer step follows every
+    ``gradient_accumulation`` micro-batches (0 = one step per inner epoch over everything). Each
+    step's gradient is the mean over its (trajectory, step) terms; ``sync_gradients`` averages
+    it across data-parallel ranks before clipping, ``after_step`` runs after each optimizer step
+    (EMA). ``train_steps`` restricts training to a subset of the SDE steps (timestep fraction).
+
+    The old log-probs are recomputed with the unchanged parameters in the same micro-batches as
+    the new ones, so the first step's ratio is exactly 1 (the rollout's own log-probs can differ
+    in the last bits when batch composition differs; that drift is reported as ``logp_drift``).
+    With one optimizer step per epoch they come free with epoch 0's forward; with several, a
+    no-grad pass computes them first.
     """
-    steps = trained_steps(batch)
+    steps = trained_steps(batch) if train_steps is None else sorted(train_steps)
+    if not steps:
+        raise ValueError("train_steps: no SDE step to train on")
     cond = policy.encode_prompts(batch.prompts)
     count = len(batch.prompts)
-    chunks = [torch.arange(s, min(s + train_batch_size, count), device=policy.device)
-              for s in range(0, count, train_batch_size)]
+    chunks = _chunks(count, train_batch_size, policy.device)
+    per_step = len(chunks) if gradient_accumulation <= 0 else min(gradient_accumulation, len(chunks))
+    step_groups = [list(range(s, min(s + per_step, len(chunks)))) for s in range(0, len(chunks), per_step)]
     sigma_guard = float(sigmas[1])
     advantages = advantages.to(policy.device)
-    old_log_probs: dict[tuple[int, int], torch.Tensor] = {}
     params = policy.trainable_parameters()
+
+    def forward(i: int, rows: torch.Tensor):
+        x, x_next = batch.latents[rows, i], batch.latents[rows, i + 1]
+        v = policy.velocity(x, sigmas[i], select(cond, rows))
+        return x, x_next, sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_guard, sample=x_next)
+
+    old_log_probs: dict[tuple[int, int], torch.Tensor] = {}
+    drift = 0.0
+    if len(step_groups) > 1:  # parameters change within epoch 0: old log-probs first
+        with torch.no_grad():
+            for c, rows in enumerate(chunks):
+                for i in steps:
+                    old_log_probs[i, c] = forward(i, rows)[2].log_prob
+                    drift = max(drift, (old_log_probs[i, c] - batch.log_probs[rows, i]).abs().max().item())
     results = []
     policy.train(True)
     for epoch in range(inner_epochs):
-        optimizer.zero_grad(set_to_none=True)
         sums = dict(loss=0.0, policy_loss=0.0, kl=0.0, ratio_mean=0.0, clip_fraction=0.0, approx_kl=0.0)
-        drift = 0.0
-        for i in steps:
-            for c, rows in enumerate(chunks):
-                x, x_next = batch.latents[rows, i], batch.latents[rows, i + 1]
-                step_cond = select(cond, rows)
-                v = policy.velocity(x, sigmas[i], step_cond)
-                step = sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_guard, sample=x_next)
-                if epoch == 0:
-                    old_log_probs[i, c] = step.log_prob.detach()
-                    drift = max(drift, (old_log_probs[i, c] - batch.log_probs[rows, i]).abs().max().item())
-                kl = None
-                if beta > 0:
-                    with torch.no_grad(), policy.reference():
-                        v_ref = policy.velocity(x, sigmas[i], step_cond)
-                    mean_ref = sde_step(x, v_ref, sigmas[i], sigmas[i + 1], noise_level, sigma_guard, sample=x_next).mean
-                    kl = gaussian_kl(step.mean, mean_ref, step.std)
-                terms = clipped_policy_loss(step.log_prob, old_log_probs[i, c], advantages[rows], clip_range, kl, beta)
-                weight = len(rows) / count / len(steps)
-                (terms.loss * weight).backward()
-                for key in sums:
-                    value = getattr(terms, key)
-                    sums[key] += (value.item() if torch.is_tensor(value) else value) * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if params else 0.0
-        skipped = ""
-        if not math.isfinite(grad_norm) or not math.isfinite(sums["loss"]):
-            skipped = f"non-finite loss ({sums['loss']}) or gradient norm ({grad_norm})"
+        grad_norms, skipped = [], ""
+        for group in step_groups:
             optimizer.zero_grad(set_to_none=True)
-        else:
+            group_count = sum(len(chunks[c]) for c in group)
+            local_loss = 0.0
+            for c in group:
+                rows = chunks[c]
+                for i in steps:
+                    x, x_next, step = forward(i, rows)
+                    if (i, c) not in old_log_probs:
+                        old_log_probs[i, c] = step.log_prob.detach()
+                        drift = max(drift, (old_log_probs[i, c] - batch.log_probs[rows, i]).abs().max().item())
+                    kl = None
+                    if beta > 0:
+                        with torch.no_grad(), policy.reference():
+                            v_ref = policy.velocity(x, sigmas[i], select(cond, rows))
+                        mean_ref = sde_step(x, v_ref, sigmas[i], sigmas[i + 1], noise_level, sigma_guard,
+                                            sample=x_next).mean
+                        kl = gaussian_kl(step.mean, mean_ref, step.std)
+                    terms = clipped_policy_loss(step.log_prob, old_log_probs[i, c], advantages[rows], clip_range,
+                                                kl, beta)
+                    (terms.loss * (len(rows) / group_count / len(steps))).backward()
+                    local_loss += terms.loss.item() * len(rows) / group_count / len(steps)
+                    weight = len(rows) / count / len(steps)
+                    for key in sums:
+                        value = getattr(terms, key)
+                        sums[key] += (value.item() if torch.is_tensor(value) else value) * weight
+            if not math.isfinite(local_loss):  # poison the gradient so that every rank skips this step
+                for p in params:
+                    p.grad = torch.full_like(p, float("nan"))
+            if sync_gradients is not None:
+                sync_gradients(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if params else 0.0
+            grad_norms.append(grad_norm)
+            if not math.isfinite(grad_norm):
+                skipped = f"non-finite loss ({local_loss}) or gradient norm ({grad_norm})"
+                break
             optimizer.step()
-        results.append(UpdateStats(grad_norm=grad_norm, logp_drift=drift, skipped=skipped, **sums))
+            if after_step is not None:
+                after_step()
+        optimizer.zero_grad(set_to_none=True)
+        results.append(UpdateStats(grad_norm=sum(grad_norms) / len(grad_norms), logp_drift=drift,
+                                   optimizer_steps=len(grad_norms) - bool(skipped), skipped=skipped, **sums))
         if skipped:
             break
-    optimizer.zero_grad(set_to_none=True)
     return results

@@ -11,18 +11,21 @@ import numpy as np
 class MetricsWriter:
     """Appends one JSON object per line and mirrors scalars to TensorBoard."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, purge_step: int | None = None):
+        """``purge_step``: on resume, TensorBoard hides events of this step and later from the
+        interrupted run (the JSONL files are restored from the checkpoint instead)."""
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self._files: dict[str, object] = {}
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge_step)
         except ImportError:  # pragma: no cover - tensorboard is a dependency
             self.tb = None
 
     def write(self, stream: str, record: dict, step: int) -> None:
+        record = {**record, **pruning_metrics(record)}
         if stream not in self._files:
             self._files[stream] = open(self.out_dir / f"{stream}.jsonl", "a")
         f = self._files[stream]
@@ -33,11 +36,28 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(f"{stream}/{key}", value, step)
 
+    def flush(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def pruning_metrics(record: dict) -> dict:
+    """Scalars of an iteration's pruning (for TensorBoard, which skips the survivors list):
+    ``nfe_ratio`` = transformer calls used / calls of the full expanded groups; ``pruning_ratio``
+    = fraction of the sampled trajectories stopped before the last step."""
+    out = {}
+    if record.get("nfe_full"):
+        out["nfe_ratio"] = record["nfe"] / record["nfe_full"]
+    survivors = record.get("survivors_per_step") or []
+    if survivors and survivors[0]:
+        out["pruning_ratio"] = 1 - survivors[-1] / survivors[0]
+    return out
 
 
 def save_grid(images: np.ndarray, path: Path, columns: int, scale: int = 4) -> None:

@@ -66,6 +66,32 @@ def sample_seeds(seed: int, iteration: int, count: int, rank: int = 0) -> list[i
     return [int(s >> np.uint64(1)) for s in state]
 
 
+def _iteration_rng(seed: int, iteration: int, purpose: int) -> np.random.Generator:
+    """Per-iteration randomness derived from (seed, iteration): reproducible, identical on every
+    rank, and nothing to checkpoint."""
+    return np.random.default_rng(np.random.SeedSequence([seed, iteration, purpose]))
+
+
+def sde_window(num_steps: int, size: int, lo: int, hi: int, seed: int, iteration: int) -> list[int]:
+    """Flow-GRPO-Fast: ``size`` consecutive SDE steps starting at a random step in [lo, hi - size];
+    all other steps are deterministic. ``size`` 0 = the default (every step but the last)."""
+    if size <= 0:
+        return list(range(num_steps - 1))
+    start = int(_iteration_rng(seed, iteration, 1).integers(lo, hi - size + 1))
+    return list(range(start, start + size))
+
+
+def train_step_subset(steps: Sequence[int], fraction: float, seed: int, iteration: int) -> list[int]:
+    """A random ``fraction`` (at least one) of the SDE steps to train on this iteration (Flow-GRPO's
+    timestep fraction; the same steps for every trajectory so they batch together)."""
+    steps = sorted(steps)
+    count = max(1, int(round(len(steps) * fraction)))
+    if count >= len(steps):
+        return steps
+    chosen = _iteration_rng(seed, iteration, 2).choice(len(steps), size=count, replace=False)
+    return sorted(steps[k] for k in chosen)
+
+
 def rollout(
     policy: PolicyAdapter,
     prompts: Sequence[str],
@@ -79,10 +105,13 @@ def rollout(
     sde_last_step: bool = False,
     group_ids: Sequence[str] | None = None,
     record_previews: bool = False,
+    sde_steps: Sequence[int] | None = None,
 ) -> RolloutResult:
     """Samples ``group_size`` trajectories per prompt; prunes per ``schedule`` [(step, keep)].
 
     ``record_previews`` keeps every step's x0-preview (for analysis: proxy fidelity, what-if pruning).
+    ``sde_steps``: the stochastic (trainable) steps, the others are deterministic ODE steps
+    (Flow-GRPO-Fast's SDE window); default every step but the last (all with ``sde_last_step``).
     """
     num_steps = len(sigmas) - 1
     total = len(prompts) * group_size
@@ -106,6 +135,9 @@ def rollout(
     x = noise(live)
     latents[:, 0] = x
     checkpoints = dict(schedule)
+    if sde_steps is None:
+        sde_steps = range(num_steps if sde_last_step else num_steps - 1)
+    stochastic = set(sde_steps)
     nfe, survivors_per_step = 0, []
     preview = None
     sigma_guard = float(sigmas[1])
@@ -127,7 +159,7 @@ def rollout(
             preview = x0_preview(x, v, sigma)
             if previews is not None:
                 previews[live, i] = preview
-            if i < num_steps - 1 or sde_last_step:
+            if i in stochastic:
                 step = sde_step(x, v, sigma, sigma_next, noise_level, sigma_guard, noise=noise(live))
                 x = step.sample
                 log_probs[live, i] = step.log_prob

@@ -3,6 +3,8 @@
 Explicit message-size limits, ``maximum_concurrent_rpcs``, ``so_reuseport`` off (so a second
 server cannot silently share the port), grpc health v1 and reflection, graceful shutdown on
 SIGTERM/SIGINT (health goes NOT_SERVING first, then ``stop(grace)``), uvloop when available.
+Security (TLS, mutual TLS, bearer token, loopback-only without them) comes from ``auth``;
+Prometheus metrics and the per-RPC access log from ``metrics``; JSON logs from ``logs``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import asyncio
 import functools
 import inspect
 import logging
+import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable
@@ -21,7 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from epgrpo.protos.channel import DEFAULT_MAX_MESSAGE_BYTES
+from epgrpo.services.common.auth import ServerSecurity, load_tokens
 from epgrpo.services.common.errors import status_for
+from epgrpo.services.common.logs import FORMATS, configure_logging  # noqa: F401 - re-exported for mains
+from epgrpo.services.common.metrics import MetricsInterceptor, ServiceMetrics
 
 log = logging.getLogger("epgrpo.server")
 
@@ -34,6 +41,10 @@ class ServerConfig:
     max_concurrent_rpcs: int = 256
     grace_s: float = 5.0
     port_file: Path | None = None  # the bound port is written here once serving (for launchers)
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+    metrics_port: int | None = None  # None: no /metrics endpoint (metrics are still collected)
+    metrics_host: str | None = None  # default: the gRPC host
+    metrics_registry: object | None = None  # default: a fresh registry per server
 
 
 @dataclass
@@ -42,6 +53,12 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     service_names: list[str] = field(default_factory=list)
+    metrics: ServiceMetrics | None = None
+    metrics_http: object | None = None  # the /metrics HTTP server, when one was asked for
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_http.server_port if self.metrics_http is not None else None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -51,6 +68,9 @@ class RunningServer:
     async def stop(self, grace_s: float) -> None:
         await self.set_serving(False)
         await self.server.stop(grace_s)
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
 
 
 def map_errors(method):
@@ -94,13 +114,23 @@ async def start_server(
     config: ServerConfig,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
-    """Creates, binds and starts a server. ``register`` adds servicers, returns full service names."""
+    """Creates, binds and starts a server. ``register`` adds servicers, returns full service names.
+
+    Refuses (``auth.InsecureBind``) a non-loopback host without TLS, token or explicit opt-in."""
+    config.security.check_bind(config.host, warn=False)  # server_config_from_args warned already
+    credentials = config.security.credentials()  # unreadable cert files fail here, before binding
+    metrics = ServiceMetrics(config.metrics_registry)
     server = grpc.aio.server(
-        interceptors=list(interceptors),
+        # Metrics outermost so calls the token check rejects are counted and logged too.
+        interceptors=[MetricsInterceptor(metrics), *config.security.interceptors(), *interceptors],
         options=[
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # Clients ping every 30 s during calls (protos/channel.py) to notice dead peers; the
+            # default server policy (one ping per 5 min) would answer GOAWAY "too_many_pings" and
+            # kill long pruning streams.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -110,11 +140,14 @@ async def start_server(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     await server.start()
-    running = RunningServer(server, port, health_servicer, names)
+    running = RunningServer(server, port, health_servicer, names, metrics)
+    if config.metrics_port is not None:
+        running.metrics_http = metrics.serve_http(config.metrics_port, config.metrics_host or config.host)
     await running.set_serving(True)
     if config.port_file is not None:
         tmp = Path(str(config.port_file) + ".tmp")
@@ -131,7 +164,8 @@ async def serve_until_signal(
 ) -> None:
     """Serves until SIGTERM/SIGINT, then NOT_SERVING, graceful stop, and ``on_stop``."""
     running = await start_server(register, config)
-    log.info("%s listening on %s:%d", name, config.host, running.port)
+    log.info("%s listening on %s:%d (%s)%s", name, config.host, running.port, config.security.describe(),
+             f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else "")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -166,9 +200,44 @@ def add_server_arguments(parser, default_port: int) -> None:
                         help="RPCs in flight before new ones get RESOURCE_EXHAUSTED (default %(default)s)")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight RPCs on SIGTERM")
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    env = os.environ.get
+    parser.add_argument("--log-format", choices=FORMATS, default=env("EPGRPO_LOG_FORMAT", "text"),
+                        help="text, or json: one object per line with rpc, code, ms, request/rollout/group ids "
+                             "(default: $EPGRPO_LOG_FORMAT, else text)")
+    security = parser.add_argument_group("security (without TLS or a token the service listens on loopback only)")
+    security.add_argument("--tls-cert", default=env("EPGRPO_TLS_CERT", ""),
+                          help="PEM server certificate (chain); turns TLS on (default: $EPGRPO_TLS_CERT)")
+    security.add_argument("--tls-key", default=env("EPGRPO_TLS_KEY", ""),
+                          help="PEM private key of --tls-cert (default: $EPGRPO_TLS_KEY)")
+    security.add_argument("--tls-client-ca", default=env("EPGRPO_TLS_CLIENT_CA", ""),
+                          help="PEM CA for client certificates: mutual TLS, clients without a certificate it "
+                               "signed are refused at the handshake (default: $EPGRPO_TLS_CLIENT_CA)")
+    security.add_argument("--token-file", default=env("EPGRPO_TOKEN_FILE", ""),
+                          help="file of accepted bearer tokens, one per line (default: $EPGRPO_TOKEN_FILE; "
+                               "else the token in $EPGRPO_TOKEN; none = no token check). Health checks are exempt")
+    security.add_argument("--allow-insecure-remote", action="store_true",
+                          default=env("EPGRPO_ALLOW_INSECURE_REMOTE", "") in ("1", "true", "yes"),
+                          help="allow a non-loopback --host without TLS or token (only on a network you trust)")
+    metrics = parser.add_argument_group("metrics")
+    metrics.add_argument("--metrics-port", type=int, default=env("EPGRPO_METRICS_PORT", "-1"),
+                         help="serve Prometheus metrics on this port at /metrics (0 picks a free one; default: "
+                              "$EPGRPO_METRICS_PORT, else off)")
+    metrics.add_argument("--metrics-host", default=None, help="interface of the metrics endpoint (default: --host)")
 
 
 def server_config_from_args(args) -> ServerConfig:
+    """The ServerConfig of parsed flags; a security problem (unreadable files, a non-loopback host
+    without TLS/token/opt-in) ends the process with exit code 2 and one clear line, before any work."""
+    try:
+        security = ServerSecurity(args.tls_cert, args.tls_key, args.tls_client_ca, load_tokens(args.token_file),
+                                  args.allow_insecure_remote)
+        security.check_bind(args.host)
+        security.credentials()
+    except (ValueError, OSError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from prometheus_client import REGISTRY
+
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -176,8 +245,8 @@ def server_config_from_args(args) -> ServerConfig:
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_s=args.grace,
         port_file=args.port_file,
+        security=security,
+        metrics_port=args.metrics_port if args.metrics_port >= 0 else None,
+        metrics_host=args.metrics_host,
+        metrics_registry=REGISTRY,  # one server per process: also exports process memory/CPU
     )
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

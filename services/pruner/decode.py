@@ -1,14 +1,17 @@
 """Preview decoders: x̂0-previews [N, C, H, W] -> uint8 images [N, H, W, C] for the reward service.
 
 A registry by name (the rollout's ``decoder`` field). "pixel" is the identity decode of
-pixel-space models (values in [-1, 1]). Latent models plug in a decoder here (e.g. an SD3 VAE):
-``register_decoder("sd3-vae", factory)``; the factory runs once, on first use, so importing this
-module never loads a model.
+pixel-space models (values in [-1, 1]). Latent models use a VAE decoder that the *pruner's operator*
+configures (``epgrpo-pruner --vae [NAME=]DIR``, NAME defaulting to "vae"): clients only name it,
+so a client can never make the pruner load an arbitrary path, and the trainer and the pruner may
+see the model under different paths (containers). Factories run once, on first use, so importing
+this module (or starting the pruner) never loads a model.
 """
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -68,3 +71,67 @@ def pixel_decode(previews: np.ndarray, field: str = "previews") -> np.ndarray:
 
 
 register_decoder("pixel", lambda: pixel_decode)
+
+
+class VaeDecoder:
+    """SD3-style latents -> uint8 images with a diffusers ``AutoencoderKL`` (frozen, no grad).
+
+    ``vae.decode(z / scaling_factor + shift_factor)`` then [-1, 1] -> uint8: the same
+    post-processing as the SD3 pipeline and the trainer's SD3 adapter (tested to agree).
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", dtype: str = "auto", batch_size: int = 8):
+        import torch
+        from diffusers import AutoencoderKL
+
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if device == "auto" else device)
+        if dtype == "auto":
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        path = Path(path)
+        subfolder = "vae" if (path / "vae" / "config.json").is_file() else None  # a whole pipeline directory
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, local_files_only=True, torch_dtype=self.dtype)
+        self.vae.to(self.device).requires_grad_(False).eval()
+        self.batch_size = batch_size
+        self._lock = threading.Lock()  # one decode at a time: concurrent rollouts share the model
+
+    def __call__(self, previews: np.ndarray, field: str = "previews") -> np.ndarray:
+        import torch
+
+        channels = self.vae.config.latent_channels
+        if previews.ndim != 4 or previews.shape[1] != channels:
+            raise InvalidArgument(f"{field}.shape: expected latents [N, {channels}, h, w] for the VAE decoder, "
+                                  f"got {list(previews.shape)}")
+        if previews.dtype.kind != "f":
+            raise InvalidArgument(f"{field}.dtype: expected floats for the VAE decoder, got {previews.dtype}")
+        if not np.isfinite(previews).all():
+            raise InvalidArgument(f"{field}: latents contain NaN or inf")
+        config, out = self.vae.config, []
+        with self._lock, torch.no_grad():
+            for chunk in torch.from_numpy(np.array(previews, dtype=np.float32)).split(self.batch_size):  # a writable copy
+                z = chunk.to(self.device, self.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
+                image = self.vae.decode(z, return_dict=False)[0].float()
+                pixels = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+                out.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
+        return np.ascontiguousarray(np.concatenate(out))
+
+
+def parse_vae_spec(spec: str) -> tuple[str, str]:
+    """'NAME=DIR' or 'DIR' (named "vae") -> (name, dir)."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = "vae", spec
+    if not name or not path:
+        raise ValueError(f"--vae: expected [NAME=]DIR, got {spec!r}")
+    return name, path
+
+
+def register_vae_decoder(name: str, path: str | Path, device: str = "auto", dtype: str = "auto") -> None:
+    """Registers decoder ``name`` for the VAE in ``path`` (a VAE directory or a pipeline directory
+    with ``vae/``); checked now, loaded on first use."""
+    path = Path(path)
+    if not ((path / "config.json").is_file() or (path / "vae" / "config.json").is_file()):
+        raise ValueError(f"--vae {name}={path}: expected a diffusers VAE directory or a pipeline directory with vae/")
+    register_decoder(name, lambda: VaeDecoder(path, device, dtype))

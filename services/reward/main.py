@@ -6,11 +6,12 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import grpc
 
-from epgrpo.protos.v1 import reward_pb2_grpc
+from epgrpo.protos.v1 import oip_pb2_grpc, reward_pb2_grpc
 from epgrpo.services.common.errors import ServiceError
 from epgrpo.services.common.server import (
     add_server_arguments,
@@ -19,7 +20,16 @@ from epgrpo.services.common.server import (
     serve_until_signal,
     server_config_from_args,
 )
-from epgrpo.services.reward.backends.base import available_backends, create_backend
+from epgrpo.services.reward.backends.base import available_backends, backend_class
+from epgrpo.services.reward.config import (
+    BatchingConfig,
+    RewardEntry,
+    build_backend,
+    load_config_file,
+    merge_entries,
+    parse_spec,
+)
+from epgrpo.services.reward.oip import OIP_SERVICE_NAME, OipServicer
 from epgrpo.services.reward.scorer import RewardScorer
 from epgrpo.services.reward.servicer import SERVICE_NAME, RewardServicer
 
@@ -42,20 +52,30 @@ def resolve_device(device: str) -> str:
 
 
 def build_registrar(
-    reward_names: Sequence[str], device: str = "cpu", max_batch: int = 1024
+    reward_names: Sequence[str | RewardEntry],
+    device: str = "cpu",
+    max_batch: int = 1024,
+    batching: BatchingConfig | None = None,
 ) -> Callable[[grpc.aio.Server], list[str]]:
-    """Constructs the backends now (an unknown name fails here, before any port is bound) and
-    returns ``register(server)`` adding the RewardService, for ``start_server``."""
-    names = list(dict.fromkeys(n.strip() for n in reward_names if n.strip()))
-    if not names:
+    """Constructs the backends now (an unknown name or a bad option fails here, before any port is
+    bound) and returns ``register(server)`` adding the RewardService, for ``start_server``.
+    ``reward_names``: RewardEntry objects or ``--rewards`` spec strings ('digit',
+    'pickscore:path=/models/pickscore;dtype=float16', ...; see services/reward/config.py)."""
+    entries = merge_entries(*([item] if isinstance(item, RewardEntry) else parse_spec(item) for item in reward_names))
+    if not entries:
         raise ValueError(f"rewards: expected at least one reward name; known: {', '.join(available_backends())}")
     device = resolve_device(device)
-    backends = {name: create_backend(name, device=device) for name in names}
+    backends = {entry.name: build_backend(entry, device) for entry in entries}
     scorer = RewardScorer(backends, max_batch=max_batch)
+    if batching is not None and batching.enabled:
+        log.info("dynamic batching: up to %d images per call, %.1f ms max delay", batching.max_size, batching.max_delay_ms)
 
     def register(server: grpc.aio.Server) -> list[str]:
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(scorer), server)
-        return [SERVICE_NAME]
+        servicer = RewardServicer(scorer, batching)
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(servicer, server)
+        # The Open Inference Protocol on the same port: stock clients (tritonclient, KServe) call it.
+        oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(servicer), server)
+        return [SERVICE_NAME, OIP_SERVICE_NAME]
 
     return register
 
@@ -64,10 +84,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="epgrpo-reward", description="Serves reward backends over gRPC.")
     add_server_arguments(parser, default_port=50051)
     parser.add_argument(
-        "--rewards",
-        default=os.environ.get("EPGRPO_REWARDS", DEFAULT_REWARDS),
-        help="comma-separated reward backends to serve (default: $EPGRPO_REWARDS, else "
-        f"{DEFAULT_REWARDS}); `--list-rewards` shows the known ones",
+        "--rewards", default=None,
+        help="rewards to serve, comma-separated '[name=]backend[:key=value;key=value]', e.g. "
+        "'digit,pickscore:path=/models/pickscore;dtype=float16' (default: $EPGRPO_REWARDS, else "
+        f"{DEFAULT_REWARDS} unless --rewards-config gives some); `--list-rewards` shows the backends",
+    )
+    parser.add_argument(
+        "--rewards-config", type=Path, default=os.environ.get("EPGRPO_REWARDS_CONFIG") or None,
+        help="YAML file with 'rewards: {name: {backend: ..., option: value}}' and optional "
+        "'batching: {max_size, max_delay_ms}' (default: $EPGRPO_REWARDS_CONFIG); combined with --rewards",
+    )
+    parser.add_argument(
+        "--batch-max-size", type=int, default=_env_number("EPGRPO_BATCH_MAX_SIZE", int),
+        help="dynamic batching: merge concurrent requests into backend calls of up to this many images; "
+        "1 turns it off (default: $EPGRPO_BATCH_MAX_SIZE, else the config file, else 1)",
+    )
+    parser.add_argument(
+        "--batch-max-delay-ms", type=float, default=_env_number("EPGRPO_BATCH_MAX_DELAY_MS", float),
+        help="dynamic batching: the longest a request waits for others to join its call, ms "
+        "(default: $EPGRPO_BATCH_MAX_DELAY_MS, else the config file, else 0: merge only what queued while the "
+        "model was busy)",
     )
     parser.add_argument("--max-batch", type=int, default=1024,
                         help="most images per Score request; larger ones get RESOURCE_EXHAUSTED (default %(default)s)")
@@ -76,29 +112,63 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="intra-op CPU threads for torch models (default 0: torch's choice); 1 avoids "
                         "slowdowns when other processes share few cores")
-    parser.add_argument("--list-rewards", action="store_true", help="print the known reward backends and exit")
+    parser.add_argument("--list-rewards", action="store_true", help="print the known reward backends with what they compute and need, and exit")
     args = parser.parse_args(argv)
     if args.max_batch < 1:
         parser.error(f"--max-batch: expected >= 1, got {args.max_batch}")
+    if args.batch_max_size is not None and args.batch_max_size < 1:
+        parser.error(f"--batch-max-size: expected >= 1, got {args.batch_max_size}")
+    if args.batch_max_delay_ms is not None and not args.batch_max_delay_ms >= 0:
+        parser.error(f"--batch-max-delay-ms: expected >= 0, got {args.batch_max_delay_ms}")
     return args
+
+
+def _env_number(name: str, kind: type):
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(f"epgrpo-reward: error: ${name}: expected {kind.__name__}, got {value!r}") from None
+
+
+def resolve_rewards(args: argparse.Namespace) -> tuple[list[RewardEntry], BatchingConfig]:
+    """Rewards from --rewards / $EPGRPO_REWARDS and --rewards-config; batching from the flags,
+    falling back to the config file, then to off."""
+    file_entries, file_batching = load_config_file(args.rewards_config) if args.rewards_config else ([], None)
+    spec = args.rewards if args.rewards is not None else os.environ.get("EPGRPO_REWARDS")
+    if spec is None and not file_entries:
+        spec = DEFAULT_REWARDS
+    entries = merge_entries(file_entries, parse_spec(spec or ""))
+    base = file_batching or BatchingConfig()
+    batching = BatchingConfig(
+        max_size=args.batch_max_size if args.batch_max_size is not None else base.max_size,
+        max_delay_ms=args.batch_max_delay_ms if args.batch_max_delay_ms is not None else base.max_delay_ms,
+    )
+    return entries, batching
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     if args.list_rewards:
-        print("\n".join(available_backends()))
+        for name in available_backends():
+            cls = backend_class(name)
+            print(f"{name}: {cls.description}\n    inputs: {cls.inputs}; range: {cls.range}")
         return 0
     if args.torch_threads > 0:
         import torch
 
         torch.set_num_threads(args.torch_threads)
+    config = server_config_from_args(args)  # security problems (e.g. 0.0.0.0 without TLS/token) stop here
     try:
-        register = build_registrar(args.rewards.split(","), device=args.device, max_batch=args.max_batch)
+        entries, batching = resolve_rewards(args)
+        register = build_registrar(entries, device=args.device, max_batch=args.max_batch, batching=batching)
     except (ServiceError, ValueError) as exc:
         print(f"epgrpo-reward: error: {exc}", file=sys.stderr)
         return 2
-    run(serve_until_signal(register, server_config_from_args(args), name="reward service"))
+    run(serve_until_signal(register, config, name="reward service"))
     return 0
 
 

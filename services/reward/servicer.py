@@ -1,8 +1,10 @@
-"""gRPC RewardService: proto <-> arrays around a RewardScorer. Holds no reward logic."""
+"""gRPC RewardService: proto <-> arrays around a RewardScorer (through per-backend dynamic batchers
+when batching is on). Holds no reward logic."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +14,8 @@ import grpc
 from epgrpo.protos.codec import to_numpy
 from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc
 from epgrpo.services.common.server import map_errors
+from epgrpo.services.reward.batching import DynamicBatcher
+from epgrpo.services.reward.config import BatchingConfig
 from epgrpo.services.reward.scorer import RewardScorer
 
 log = logging.getLogger("epgrpo.reward.servicer")
@@ -20,11 +24,18 @@ SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, scorer: RewardScorer):
+    def __init__(self, scorer: RewardScorer, batching: BatchingConfig | None = None):
         self.scorer = scorer
         # One worker thread: models are never called concurrently, and the event loop stays
         # free for health checks and other RPCs while a batch is scored.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-scorer")
+        self.batchers: dict[str, DynamicBatcher] = {}
+        if batching is not None and batching.enabled:
+            self.batchers = {
+                name: DynamicBatcher(functools.partial(scorer.run_backend, name), batching.max_size,
+                                     batching.max_delay_ms / 1000.0, self._executor, name=name)
+                for name in scorer.backends
+            }
 
     @map_errors
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
@@ -33,10 +44,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         prompts = list(request.prompts)
         metadata = [dict(m.fields) for m in request.metadata]
         specs = [(spec.name, spec.weight) for spec in request.rewards]
-        loop = asyncio.get_running_loop()
-        combined, per_reward = await loop.run_in_executor(
-            self._executor, self.scorer.score, images, prompts, metadata, specs
-        )
+        combined, per_reward = await self.compute(images, prompts, metadata, specs)
         response = reward_pb2.ScoreResponse(scores=combined.tolist())
         for name, weight, raw in per_reward:
             response.per_reward.add(name=name, weight=weight, scores=raw.tolist())
@@ -46,6 +54,16 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             ",".join(f"{n}*{w:g}" for n, w in specs), 1000 * (time.perf_counter() - start),
         )
         return response
+
+    async def compute(self, images, prompts, metadata, specs):
+        """``RewardScorer.score`` off the event loop, through the batchers when batching is on.
+        (The OIP front calls this too, so its requests batch together with ours.)"""
+        if self.batchers:
+            metadata = self.scorer.validate(images, prompts, metadata, specs)  # cheap: on the loop
+            raws = await asyncio.gather(*(self.batchers[name].submit(images, prompts, metadata) for name, _ in specs))
+            return self.scorer.combine(specs, raws)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.scorer.score, images, prompts, metadata, specs)
 
     @map_errors
     async def ListRewards(self, request: reward_pb2.ListRewardsRequest, context) -> reward_pb2.ListRewardsResponse:

@@ -3,13 +3,16 @@
 An adapter turns prompts into conditioning, gives the velocity at (x_t, sigma), decodes latents
 to uint8 images, names its trainable parameters and can act as the frozen reference policy.
 Adding a model (FLUX, Qwen-Image, ...) means one new adapter class registered here; the loop,
-the sampler and the GRPO code do not change.
+the sampler and the GRPO code do not change. Adapters around a diffusers transformer get LoRA /
+full fine-tuning, the reference policy and mixed precision from ``finetune.FineTunedPolicy``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -56,11 +59,26 @@ class PolicyAdapter(ABC):
         pass
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable weights, for checkpoints."""
+        """Trainable weights by name, for checkpoints (LoRA weights only, with LoRA)."""
         return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copies checkpointed trainable weights in place (the optimizer keeps its parameters)."""
+        if state:
+            raise NotImplementedError(f"{type(self).__name__} cannot load trainable weights")
+
+    def export(self, out_dir: Path) -> list[Path]:
+        """Writes the trained weights in the model's own format (what users load); returns the paths."""
+        from safetensors.torch import save_file
+
+        path = Path(out_dir) / "policy.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path)
+        return [path]
 
 
 _REGISTRY: dict[str, Callable[..., PolicyAdapter]] = {}
+# Built-in adapters register on import; imported only when asked for (no pipeline code otherwise).
+_BUILTIN = {"toy_digits": "epgrpo.trainer.policy.toy", "sd3": "epgrpo.trainer.policy.sd3"}
 
 
 def register_policy(name: str):
@@ -72,10 +90,20 @@ def register_policy(name: str):
 
 
 def available_policies() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *_BUILTIN})
 
 
 def create_policy(name: str, **options) -> PolicyAdapter:
+    """The adapter registered as ``name``; ``package.module:name`` imports a plugin module first."""
+    module, _, short = name.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"model.name: cannot import adapter module {module!r}: {e}") from None
+        name = short
+    elif name in _BUILTIN and name not in _REGISTRY:
+        importlib.import_module(_BUILTIN[name])
     if name not in _REGISTRY:
         raise ValueError(f"model.name: unknown model {name!r}; available: {', '.join(available_policies())}")
     return _REGISTRY[name](**options)

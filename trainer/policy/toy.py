@@ -9,8 +9,6 @@ the same loading path a real checkpoint takes. The pretrained base is cached, ke
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -29,7 +27,8 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from epgrpo.trainer.policy.base import Conditioning, PolicyAdapter, register_policy
+from epgrpo.trainer.policy.base import Conditioning, register_policy
+from epgrpo.trainer.policy.finetune import FineTunedPolicy, resolve_dtype
 
 log = logging.getLogger("epgrpo.policy.toy")
 
@@ -173,38 +172,27 @@ def ensure_pretrained(recipe: ToyRecipe, cache_dir: Path | None = None, progress
     return target
 
 
-class ToyDigitPolicy(PolicyAdapter):
+class ToyDigitPolicy(FineTunedPolicy):
     """The default policy; full fine-tuning against a frozen copy, or LoRA (peft) with the
     adapter disabled as the reference."""
 
     preview_decoder = "pixel"
 
     def __init__(self, path: str | os.PathLike | None = None, recipe: ToyRecipe | None = None,
-                 lora_rank: int = 0, lora_alpha: float = 0.0, device: str = "cpu", progress: bool = True):
+                 lora_rank: int = 0, lora_alpha: float = 0.0, device: str = "cpu", progress: bool = True,
+                 lora_targets=None, dtype: str = "fp32"):
         recipe = recipe or ToyRecipe()
         model_dir = Path(path) if path else ensure_pretrained(recipe, progress=progress)
-        self.device = torch.device(device)
-        self.transformer = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", local_files_only=True)
-        self.transformer.to(self.device)
+        self.model_dir = model_dir
+        transformer = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", local_files_only=True)
         meta = json.loads((model_dir / "meta.json").read_text())
         r = ToyRecipe(**meta["recipe"])
+        self.setup_finetuning(transformer, device=torch.device(device), dtype=resolve_dtype(dtype, device),
+                              lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets)
         self.conditioner = DigitConditioner(r.tokens, r.heads * r.head_dim)
         self.conditioner.load_state_dict(load_file(model_dir / "conditioner.safetensors"))
         self.conditioner.to(self.device).requires_grad_(False)
         self.latent_shape = (1, r.image_size, r.image_size)
-        self.lora = lora_rank > 0
-        if self.lora:
-            from peft import LoraConfig
-
-            self.transformer.requires_grad_(False)
-            self.transformer.add_adapter(LoraConfig(
-                r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, init_lora_weights="gaussian",
-                target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"],
-            ))
-            self._reference_transformer = None
-        else:
-            self._reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
-        self._active = self.transformer
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         digits = torch.tensor([parse_digit(p, f"prompts[{i}]") for i, p in enumerate(prompts)], device=self.device)
@@ -212,39 +200,21 @@ class ToyDigitPolicy(PolicyAdapter):
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(x.shape[0])
-        return _predict(self._active, self.conditioner, x, sigma, cond["digits"]).float()
+        prompt = self.conditioner(cond["digits"])
+        return self.run_transformer(hidden_states=x, encoder_hidden_states=prompt["encoder_hidden_states"],
+                                    pooled_projections=prompt["pooled_projections"], timestep=sigma * 1000.0)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         pixels = ((latents.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    @contextlib.contextmanager
-    def reference(self):
-        if self.lora:
-            self.transformer.disable_adapters()
-            try:
-                yield
-            finally:
-                self.transformer.enable_adapters()
-        else:
-            self._active = self._reference_transformer
-            try:
-                yield
-            finally:
-                self._active = self.transformer
-
-    def train(self, mode: bool = True) -> None:
-        self.transformer.train(mode)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.transformer.state_dict().items()}
-
 
 @register_policy("toy_digits")
 def _toy_factory(path: str = "", pretrain_steps: int = ToyRecipe.pretrain_steps, lora_rank: int = 0,
-                 lora_alpha: float = 0.0, device: str = "cpu", progress: bool = True, seed: int = 0, **_):
+                 lora_alpha: float = 0.0, device: str = "cpu", progress: bool = True, seed: int = 0,
+                 lora_targets=None, dtype: str = "fp32", guidance_scale: float = 1.0, **_):
+    if guidance_scale != 1.0:
+        raise ValueError(f"sampling.guidance_scale: the toy digit model has no unconditional branch; expected 1.0, "
+                         f"got {guidance_scale}")
     recipe = ToyRecipe(pretrain_steps=pretrain_steps, seed=seed)
-    return ToyDigitPolicy(path or None, recipe, lora_rank, lora_alpha, device, progress)
+    return ToyDigitPolicy(path or None, recipe, lora_rank, lora_alpha, device, progress, lora_targets, dtype)

@@ -17,7 +17,9 @@ from epgrpo.services.common.errors import InvalidArgument
 
 # Modules whose import registers the built-in backends (imported on first registry use, so
 # importing this module stays cheap).
-_BUILTIN_MODULES = ("epgrpo.services.reward.backends.digits", "epgrpo.services.reward.backends.jpeg")
+_BUILTIN_MODULES = tuple(
+    f"epgrpo.services.reward.backends.{m}" for m in ("digits", "jpeg", "ocr", "clip", "vlm_judge")
+)
 _REGISTRY: dict[str, type["RewardBackend"]] = {}
 
 

@@ -1,0 +1,121 @@
+"""Open Inference Protocol (KServe v2) gRPC front of the reward service, on the same port.
+
+Every served reward is a model (version "1"): input ``IMAGES`` (UINT8 [N, H, W, C], C = 1 or 3),
+input ``PROMPTS`` (BYTES, N UTF-8 strings; optional for rewards that ignore the prompt), output
+``SCORE`` (FP32 [N], the reward's raw score). Requests go through the same scorer and dynamic
+batchers as ``RewardService.Score``. Only the six KServe v2 RPCs exist; Triton-only ones
+(repository, statistics, shared memory, ...) answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from epgrpo.protos.codec import WireError
+from epgrpo.protos.oip_codec import decode_tensor
+from epgrpo.protos.v1 import oip_pb2, oip_pb2_grpc
+from epgrpo.services.common.errors import InvalidArgument, NotFound
+from epgrpo.services.common.server import map_errors
+from epgrpo.services.reward.servicer import RewardServicer
+
+OIP_SERVICE_NAME = oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+IMAGES, PROMPTS, SCORE = "IMAGES", "PROMPTS", "SCORE"
+MODEL_VERSION = "1"
+PLATFORM = "epgrpo_reward"
+
+
+def server_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("epgrpo")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, rewards: RewardServicer):
+        self.rewards = rewards  # its scorer, executor and batchers are shared
+
+    def _model(self, name: str, version: str, field: str) -> str:
+        if name not in self.rewards.scorer.backends:
+            served = ", ".join(sorted(self.rewards.scorer.backends))
+            raise NotFound(f"{field}: no model {name!r}; this server's models (rewards) are: {served}")
+        if version not in ("", MODEL_VERSION):
+            raise NotFound(f"{field}: model {name!r} has only version {MODEL_VERSION}, not {version!r}")
+        return name
+
+    @map_errors
+    async def ServerLive(self, request, context):
+        return oip_pb2.ServerLiveResponse(live=True)
+
+    @map_errors
+    async def ServerReady(self, request, context):
+        return oip_pb2.ServerReadyResponse(ready=True)  # backends are loaded before the server starts
+
+    @map_errors
+    async def ModelReady(self, request, context):
+        ready = request.name in self.rewards.scorer.backends and request.version in ("", MODEL_VERSION)
+        return oip_pb2.ModelReadyResponse(ready=ready)
+
+    @map_errors
+    async def ServerMetadata(self, request, context):
+        return oip_pb2.ServerMetadataResponse(name="epgrpo-reward", version=server_version(), extensions=[])
+
+    @map_errors
+    async def ModelMetadata(self, request, context):
+        name = self._model(request.name, request.version, "name")
+        tensor = oip_pb2.ModelMetadataResponse.TensorMetadata
+        return oip_pb2.ModelMetadataResponse(
+            name=name, versions=[MODEL_VERSION], platform=PLATFORM,
+            inputs=[tensor(name=IMAGES, datatype="UINT8", shape=[-1, -1, -1, -1]),
+                    tensor(name=PROMPTS, datatype="BYTES", shape=[-1])],
+            outputs=[tensor(name=SCORE, datatype="FP32", shape=[-1])],
+        )
+
+    @map_errors
+    async def ModelInfer(self, request: oip_pb2.ModelInferRequest, context) -> oip_pb2.ModelInferResponse:
+        name = self._model(request.model_name, request.model_version, "model_name")
+        for i, output in enumerate(request.outputs):
+            if output.name != SCORE:
+                raise InvalidArgument(f"outputs[{i}].name: model {name!r} has one output, {SCORE}; got {output.name!r}")
+        images, prompts = self._inputs(request)
+        _, per_reward = await self.rewards.compute(images, prompts, [], [(name, 1.0)])
+        scores = per_reward[0][2].astype("<f4")
+        return oip_pb2.ModelInferResponse(
+            model_name=name, model_version=MODEL_VERSION, id=request.id,
+            outputs=[oip_pb2.ModelInferResponse.InferOutputTensor(name=SCORE, datatype="FP32", shape=[len(scores)])],
+            raw_output_contents=[scores.tobytes()],
+        )
+
+    @staticmethod
+    def _inputs(request: oip_pb2.ModelInferRequest) -> tuple[np.ndarray, list[str]]:
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            raise InvalidArgument(f"raw_input_contents: expected one entry per input ({len(request.inputs)}), got {len(raw)}")
+        tensors = {}
+        for i, tensor in enumerate(request.inputs):
+            if tensor.name not in (IMAGES, PROMPTS):
+                raise InvalidArgument(f"inputs[{i}].name: expected {IMAGES} or {PROMPTS}, got {tensor.name!r}")
+            expected = "UINT8" if tensor.name == IMAGES else "BYTES"
+            if tensor.datatype != expected:
+                raise InvalidArgument(f"inputs[{i}].datatype: {tensor.name} must be {expected}, got {tensor.datatype!r}")
+            try:
+                tensors[tensor.name] = decode_tensor(tensor.name, tensor.datatype, list(tensor.shape),
+                                                     raw[i] if raw else None, tensor.contents)
+            except WireError as exc:
+                raise InvalidArgument(f"inputs[{i}] ({exc})") from None
+        if IMAGES not in tensors:
+            raise InvalidArgument(f"inputs: expected an input named {IMAGES} (UINT8 [N, H, W, C])")
+        images = tensors[IMAGES]
+        if images.ndim != 4:
+            raise InvalidArgument(f"{IMAGES}.shape: expected [N, H, W, C], got {list(images.shape)}")
+        if PROMPTS not in tensors:
+            return images, [""] * len(images)
+        try:
+            prompts = [p.decode("utf-8") for p in tensors[PROMPTS]]
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"{PROMPTS}: expected UTF-8 strings ({exc})") from None
+        if len(prompts) != len(images):
+            raise InvalidArgument(f"{PROMPTS}: expected {len(images)} elements (one per image), got {len(prompts)}")
+        return images, prompts

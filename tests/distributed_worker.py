@@ -1,0 +1,56 @@
+"""Run by tests/test_distributed.py under ``accelerate launch``: the real ``epgrpo train`` entry point,
+with recording hooks around the gradient all-reduce, the rollout and the policy update.
+
+    python distributed_worker.py RECORD_DIR key=value ...
+
+Each rank writes RECORD_DIR/rank<r>.safetensors (its first optimizer step's local and averaged
+gradients, its final trainable weights) and RECORD_DIR/rank<r>.json (its groups and advantages).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from epgrpo.trainer import cli, loop
+from epgrpo.trainer.distributed import Distributed
+
+record_dir = Path(sys.argv[1])
+record_dir.mkdir(parents=True, exist_ok=True)
+tensors, facts = {}, {"groups": [], "updates": []}
+all_reduce, sample, policy_update, run = (Distributed.all_reduce_mean_, loop.Trainer.sample, loop.policy_update,
+                                          loop.Trainer.run)
+
+
+def recording_all_reduce(self, params):
+    first = "synced.0" not in tensors
+    if first:
+        tensors.update({f"local.{k}": p.grad.detach().clone() for k, p in enumerate(params)})
+    all_reduce(self, params)
+    if first:
+        tensors.update({f"synced.{k}": p.grad.detach().clone() for k, p in enumerate(params)})
+
+
+def recording_sample(self, iteration, prompts, first_group=0):
+    batch = sample(self, iteration, prompts, first_group)
+    facts["groups"].append({"iteration": iteration, "prompts": prompts, "first_group": first_group})
+    return batch
+
+
+def recording_update(policy, optimizer, batch, advantages, *args, **kwargs):
+    facts["updates"].append({"prompts": batch.prompts, "advantages": advantages.tolist()})
+    return policy_update(policy, optimizer, batch, advantages, *args, **kwargs)
+
+
+def run_and_record(self):
+    path = run(self)
+    tensors.update({f"final.{name}": p.detach().clone() for name, p in self.policy.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, record_dir / f"rank{self.dist.rank}.safetensors")
+    (record_dir / f"rank{self.dist.rank}.json").write_text(json.dumps({**facts, "world_size": self.dist.world_size}))
+    return path
+
+
+Distributed.all_reduce_mean_ = recording_all_reduce
+loop.Trainer.sample, loop.policy_update, loop.Trainer.run = recording_sample, recording_update, run_and_record
+sys.exit(cli.main(["train", *sys.argv[2:]]))

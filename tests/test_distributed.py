@@ -1,0 +1,81 @@
+"""Data-parallel training: ``accelerate launch`` with 2 CPU processes (gloo) through the real
+``epgrpo train`` entry point and the real services."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+@pytest.fixture
+def services(background_server):
+    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
+    from epgrpo.services.reward.main import build_registrar as reward_registrar
+
+    reward = background_server(reward_registrar(["jpeg_compressibility"]))
+    pruner = background_server(pruner_registrar(reward.address))
+    return reward, pruner
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_average_gradients_and_keep_groups_whole(services, tiny_policy_factory, tmp_path):
+    reward, pruner = services
+    toy_dir = tiny_policy_factory().model_dir
+    record, out = tmp_path / "record", tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(WORKER), str(record),
+        f"model.path={toy_dir}", "model.device=cpu", "prune.group_size=4", "prune.steps=[2]", "prune.keeps=[2]",
+        "sampling.num_steps=4", "train.iterations=2", "train.prompts_per_iteration=4", "train.train_batch_size=3",
+        "train.lr=1e-2", "reward.rewards=jpeg_compressibility:1", "reward.judge=", "eval.samples_per_prompt=1",
+        "eval.every=0", "eval.max_prompts=2", f"reward.address={reward.address}", f"pruner.address={pruner.address}",
+        "launch_services=false", "progress=false", f"out_dir={out}",
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [load_file(record / f"rank{r}.safetensors") for r in range(2)]
+    facts = [json.loads((record / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [f["world_size"] for f in facts] == [2, 2]
+
+    # gradients: each rank's own differ; after the all-reduce both hold exactly their mean
+    count = sum(1 for k in ranks[0] if k.startswith("local."))
+    assert count > 0
+    assert any(not torch.equal(ranks[0][f"local.{k}"], ranks[1][f"local.{k}"]) for k in range(count))
+    for k in range(count):
+        assert torch.equal(ranks[0][f"synced.{k}"], ranks[1][f"synced.{k}"])
+        mean = (ranks[0][f"local.{k}"] + ranks[1][f"local.{k}"]) / 2
+        torch.testing.assert_close(ranks[0][f"synced.{k}"], mean, rtol=1e-5, atol=1e-8)
+    finals = [k for k in ranks[0] if k.startswith("final.")]
+    assert finals and all(torch.equal(ranks[0][k], ranks[1][k]) for k in finals)  # the ranks stay identical
+
+    # groups: whole on one rank, disjoint, all of the iteration's prompts; advantages per group
+    for it in range(2):
+        mine = [f["groups"][it] for f in facts]
+        assert [m["first_group"] for m in mine] == [0, 2]
+        assert not set(mine[0]["prompts"]) & set(mine[1]["prompts"])
+        update = [f["updates"][it] for f in facts]
+        for u in update:
+            kept = Counter(u["prompts"])
+            assert set(kept.values()) == {2}  # keep 2 per group, every survivor on its group's rank
+            for prompt in kept:
+                adv = [a for p, a in zip(u["prompts"], u["advantages"]) if p == prompt]
+                assert abs(sum(adv)) < 1e-5  # centred on its own group's survivors
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["nfe_used"] == 2 * 4 * (4 * 2 + 2 * 2)

@@ -1,0 +1,144 @@
+"""The SD3 adapter on a tiny random pipeline loaded through its real loading path: sampling equals
+the stock diffusers pipeline, the trained LoRA loads with ``load_lora_weights``, mixed precision,
+and the pruner's VAE decoder agrees with the adapter's."""
+
+import numpy as np
+import pytest
+import torch
+
+from epgrpo.trainer.grpo import group_advantages
+from epgrpo.trainer.optimize import policy_update
+from epgrpo.trainer.policy.base import create_policy
+from epgrpo.trainer.rollout import rollout, sample_ode, sample_seeds
+from epgrpo.trainer.sde import sigma_grid
+
+PROMPTS = ["a red cat", "a blue dog"]
+SEEDS = [11, 12]
+STEPS, SHIFT, TOKENS, GUIDANCE = 4, 3.0, 8, 4.5
+
+
+def make_policy(path, **options):
+    return create_policy("sd3", path=str(path), device="cpu", guidance_scale=GUIDANCE, max_sequence_length=TOKENS,
+                         **options)
+
+
+def load_pipeline(path):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(path, local_files_only=True, text_encoder_3=None, tokenizer_3=None)
+
+
+def pipeline_sample(pipe, latent_shape, output_type):
+    """The stock pipeline on our sigma grid: it re-applies its scheduler's shift to the t grid we
+    give, and starts from our per-sample noise."""
+    noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in SEEDS])
+    t_grid = torch.linspace(1, 0, STEPS + 1)[:-1].tolist()
+    side = latent_shape[-1] * pipe.vae_scale_factor
+    out = pipe(PROMPTS, sigmas=t_grid, latents=noise, guidance_scale=GUIDANCE, height=side, width=side,
+               max_sequence_length=TOKENS, output_type=output_type)
+    return out.images
+
+
+def to_uint8(images01: np.ndarray) -> np.ndarray:
+    return (images01 * 255).round().astype(np.uint8)
+
+
+def test_sampling_equals_the_stock_pipeline(tiny_sd3_dir):
+    policy = make_policy(tiny_sd3_dir)  # full fine-tuning, fp32 on CPU
+    assert policy.nfe_per_sample == 2 and policy.latent_shape == (4, 16, 16) and policy.resolution == 32
+    frozen = [policy.vae, policy.pipe.text_encoder, policy.pipe.text_encoder_2]
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert {id(p) for p in policy.trainable_parameters()} == {id(p) for p in policy.transformer.parameters()}
+    sigmas = sigma_grid(STEPS, SHIFT)
+    latents = sample_ode(policy, PROMPTS, SEEDS, sigmas)
+    pipe = load_pipeline(tiny_sd3_dir)
+    torch.testing.assert_close(latents, pipeline_sample(pipe, policy.latent_shape, "latent"), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pipe.scheduler.sigmas, sigmas, rtol=0, atol=1e-7)  # the same grid
+    images = policy.decode(latents)
+    assert images.dtype == np.uint8 and images.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(images, to_uint8(pipeline_sample(pipe, policy.latent_shape, "np")))
+
+
+def test_guidance_one_means_one_transformer_call_per_sample(tiny_sd3_dir):
+    policy = create_policy("sd3", path=str(tiny_sd3_dir), device="cpu", guidance_scale=1.0, max_sequence_length=TOKENS)
+    assert policy.nfe_per_sample == 1 and "negative_prompt_embeds" not in policy.encode_prompts(PROMPTS)
+
+
+def test_lora_round_trip_through_load_lora_weights(tiny_sd3_dir, tmp_path):
+    policy = make_policy(tiny_sd3_dir, lora_rank=4, lora_alpha=8)
+    sigmas = sigma_grid(STEPS, SHIFT)
+    trainable = policy.trainable_parameters()
+    assert trainable and all("lora" in n for n in policy.state_dict()) and all(p.dtype == torch.float32 for p in trainable)
+    base_images = policy.decode(sample_ode(policy, PROMPTS, SEEDS, sigmas))
+    batch = rollout(policy, PROMPTS, 3, sigmas, noise_level=0.7, seeds=sample_seeds(0, 1, 6))
+    advantages = group_advantages(torch.randn(6, generator=torch.Generator().manual_seed(0)), batch.group_index)
+    optimizer = torch.optim.AdamW(trainable, lr=0.05)
+    policy_update(policy, optimizer, batch, advantages, sigmas, noise_level=0.7, clip_range=1e-4, beta=0.04,
+                  inner_epochs=2, max_grad_norm=1.0, train_batch_size=4)
+    trained = policy.decode(sample_ode(policy, PROMPTS, SEEDS, sigmas))
+    with policy.reference():  # the adapter disabled is the base model
+        np.testing.assert_array_equal(policy.decode(sample_ode(policy, PROMPTS, SEEDS, sigmas)), base_images)
+
+    (path,) = policy.export(tmp_path)
+    assert (path / "pytorch_lora_weights.safetensors").is_file()
+    pipe = load_pipeline(tiny_sd3_dir)
+    np.testing.assert_array_equal(to_uint8(pipeline_sample(pipe, policy.latent_shape, "np")), base_images)
+    pipe.load_lora_weights(path)
+    loaded = to_uint8(pipeline_sample(pipe, policy.latent_shape, "np"))
+    assert np.abs(loaded.astype(int) - base_images).max() > 0, "the LoRA changed nothing"
+    # identical: without the saved LoRA metadata (alpha) diffusers would scale it differently
+    np.testing.assert_array_equal(loaded, trained)
+
+
+def test_mixed_precision_keeps_lora_and_log_probs_in_fp32(tiny_sd3_dir):
+    full = make_policy(tiny_sd3_dir, lora_rank=4)
+    bf16 = make_policy(tiny_sd3_dir, lora_rank=4, dtype="bf16")
+    assert bf16.pipe.text_encoder.dtype == torch.bfloat16 and bf16.vae.dtype == torch.bfloat16
+    assert {p.dtype for p in bf16.trainable_parameters()} == {torch.float32}
+    frozen = [p for p in bf16.transformer.parameters() if not p.requires_grad]
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    sigmas = sigma_grid(STEPS, SHIFT)
+    batch = rollout(bf16, PROMPTS, 2, sigmas, noise_level=0.7, seeds=sample_seeds(0, 2, 4))
+    assert batch.log_probs.dtype == torch.float32 and torch.isfinite(batch.log_probs[:, :-1]).all()
+    x = torch.randn(2, *full.latent_shape, generator=torch.Generator().manual_seed(3))
+    v32 = full.velocity(x, sigmas[1], full.encode_prompts(PROMPTS))
+    v16 = bf16.velocity(x, sigmas[1], bf16.encode_prompts(PROMPTS))
+    assert v16.dtype == torch.float32
+    assert (v16 - v32).abs().max() < 0.1 * v32.abs().max()  # bf16 is close, not equal
+    images = bf16.decode(batch.final)
+    assert images.dtype == np.uint8 and images.shape == (4, 32, 32, 3)
+
+
+def test_pruner_vae_decoder_agrees_with_the_adapter(tiny_sd3_dir):
+    from epgrpo.services.common.errors import InvalidArgument
+    from epgrpo.services.pruner.decode import get_decoder, parse_vae_spec, register_vae_decoder
+
+    policy = make_policy(tiny_sd3_dir)
+    register_vae_decoder("tiny-sd3-test", tiny_sd3_dir)  # a pipeline directory: uses its vae/
+    decoder = get_decoder("tiny-sd3-test")
+    latents = torch.randn(3, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(decoder(latents.numpy(), "previews"), policy.decode(latents))
+    with pytest.raises(InvalidArgument, match=r"previews.shape: expected latents \[N, 4, h, w\]"):
+        decoder(np.zeros((2, 3, 16, 16), np.float32), "previews")
+    with pytest.raises(InvalidArgument, match="NaN"):
+        decoder(np.full((1, 4, 16, 16), np.nan, np.float32), "previews")
+    with pytest.raises(ValueError, match="expected a diffusers VAE directory"):
+        register_vae_decoder("nowhere", tiny_sd3_dir / "no-such-dir")
+    assert parse_vae_spec("/models/sd35") == ("vae", "/models/sd35")
+    assert parse_vae_spec("sd35=/models/sd35") == ("sd35", "/models/sd35")
+
+
+def test_pruner_refuses_to_start_with_a_bad_vae_directory(tmp_path, capsys):
+    from epgrpo.services.pruner import main as pruner_main
+
+    assert pruner_main.main(["--port", "0", "--vae", f"sd35={tmp_path}"]) == 2
+    assert "--vae sd35=" in capsys.readouterr().err
+
+
+def test_unknown_model_and_missing_path_are_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="model.name: unknown model 'flux'"):
+        create_policy("flux")
+    with pytest.raises(ValueError, match="model.path: the sd3 model needs"):
+        create_policy("sd3", path="")
+    with pytest.raises(ValueError, match="model.name: cannot import adapter module"):
+        create_policy("no_such_package.adapters:flux")

@@ -1,0 +1,194 @@
+"""Checkpoints and exact resume. Tensors go to safetensors, everything else to JSON: nothing is
+pickled (``torch.save`` of an optimizer state would be), so a checkpoint is safe to load from
+anywhere.
+
+    <out_dir>/checkpoints/iter_000010/
+        weights.safetensors     trainable weights (LoRA weights only, with LoRA)
+        optimizer.safetensors   optimizer tensors, "state.<param index>.<name>"
+        ema.safetensors         the EMA weights (train.ema)
+        rng_rank<r>.safetensors torch CPU/CUDA generator states of rank r
+        state.json              iteration, optimizer param groups and scalars, LR scheduler, numpy /
+                                python / prompt-sampler RNG states, stat tracker, NFE counters, config
+        metrics.jsonl, eval.jsonl  the run's metrics up to this iteration
+
+Per-trajectory noise, SDE windows, trained-step subsets and pruner seeds derive from
+(seed, iteration), so they need no state. Resuming N + M iterations reproduces an uninterrupted
+run bit for bit on CPU (tested). With several ranks every rank must call ``save_checkpoint``
+(each writes its own RNG file; rank 0 writes the rest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("epgrpo.checkpoint")
+
+METRIC_FILES = ("metrics.jsonl", "eval.jsonl")
+# Options that may change between a run and its resumption without changing what it computes.
+RESUMABLE_CHANGES = ("train.iterations", "train.resume_from", "train.checkpoint_every", "train.checkpoint_keep",
+                     "out_dir", "launch_services", "progress", "reward.address", "pruner.address", "eval.")
+
+
+def checkpoint_dir(out_dir: Path, iteration: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"iter_{iteration:06d}"
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted(p for p in (Path(out_dir) / "checkpoints").glob("iter_*") if (p / "state.json").is_file())
+    return found[-1] if found else None
+
+
+def _tensors(d: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in d.items()}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for k, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{k}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": _jsonable(random.getstate())}
+
+
+def _jsonable(state):
+    return [_jsonable(s) for s in state] if isinstance(state, tuple) else state
+
+
+def _tuples(state):
+    return tuple(_tuples(s) for s in state) if isinstance(state, list) else state
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}  # betas
+              for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": groups})
+
+
+def save_checkpoint(trainer, directory: str | Path) -> Path:
+    """Writes everything needed to continue ``trainer`` after its last completed iteration
+    (``trainer.completed_iteration``) to ``directory`` (replaced atomically); returns it."""
+    directory = Path(directory)
+    dist = trainer.dist
+    tmp = directory.with_name(directory.name + ".tmp")
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    rng_tensors, rng_meta = _rng_state()
+    save_file(_tensors(rng_tensors), tmp / f"rng_rank{dist.rank}.safetensors")
+    (tmp / f"rng_rank{dist.rank}.json").write_text(json.dumps(rng_meta))
+    if dist.is_main:
+        save_file(_tensors(trainer.policy.state_dict()), tmp / "weights.safetensors")
+        opt_tensors, opt_meta = _optimizer_state(trainer.optimizer)
+        save_file(_tensors(opt_tensors), tmp / "optimizer.safetensors")
+        state = {
+            "iteration": trainer.completed_iteration,
+            "world_size": dist.world_size,
+            "optimizer": opt_meta,
+            "lr_scheduler": trainer.lr_scheduler.state_dict(),
+            "prompt_rng": _jsonable(trainer.rng.getstate()),
+            "stat_tracker": trainer.tracker.state_dict(),
+            "nfe_cumulative": trainer.nfe_cumulative,
+            "nfe_full_cumulative": trainer.nfe_full_cumulative,
+            "config": trainer.config_dict(),
+        }
+        if trainer.ema is not None:
+            ema_tensors, state["ema"] = trainer.ema.state_dict()
+            save_file(_tensors(ema_tensors), tmp / "ema.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for name in METRIC_FILES:
+            if (trainer.out / name).exists():
+                shutil.copyfile(trainer.out / name, tmp / name)
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+    dist.barrier()
+    return directory
+
+
+def _changed_options(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        a, b, name = saved.get(key), current.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_options(a, b, f"{name}.")
+        elif a != b and not any(name == r or (r.endswith(".") and name.startswith(r)) for r in RESUMABLE_CHANGES):
+            changed.append(f"{name}: {a!r} -> {b!r}")
+    return changed
+
+
+def load_checkpoint(trainer, directory: str | Path) -> int:
+    """Restores ``trainer`` from ``directory`` (and the metric files into its out_dir); returns the
+    iteration to continue after."""
+    directory = Path(directory)
+    if not (directory / "state.json").is_file():
+        raise ValueError(f"train.resume_from: {directory} is not a checkpoint (no state.json)")
+    state = json.loads((directory / "state.json").read_text())
+    for change in _changed_options(state["config"], trainer.config_dict()):
+        log.warning("resuming with a changed option (the run will not match an uninterrupted one): %s", change)
+    trainer.policy.load_state_dict(load_file(directory / "weights.safetensors", device=str(trainer.policy.device)))
+    _load_optimizer(trainer.optimizer, load_file(directory / "optimizer.safetensors"), state["optimizer"])
+    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    trainer.rng.setstate(_tuples(state["prompt_rng"]))
+    trainer.tracker.load_state_dict(state["stat_tracker"])
+    trainer.nfe_cumulative = state["nfe_cumulative"]
+    trainer.nfe_full_cumulative = state["nfe_full_cumulative"]
+    if trainer.ema is not None:
+        if "ema" not in state:
+            raise ValueError(f"train.ema: the checkpoint {directory} was saved without EMA weights")
+        trainer.ema.load_state_dict(load_file(directory / "ema.safetensors"), state["ema"])
+    rank = trainer.dist.rank if (directory / f"rng_rank{trainer.dist.rank}.json").is_file() else 0
+    rng_tensors = load_file(directory / f"rng_rank{rank}.safetensors")
+    rng_meta = json.loads((directory / f"rng_rank{rank}.json").read_text())
+    torch.set_rng_state(rng_tensors["torch"])
+    cuda = [rng_tensors[f"cuda.{k}"] for k in range(len(rng_tensors) - 1) if f"cuda.{k}" in rng_tensors]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, gauss = rng_meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(_tuples(rng_meta["python"]))
+    if trainer.dist.is_main:
+        trainer.out.mkdir(parents=True, exist_ok=True)
+        for name in METRIC_FILES:  # drop lines of iterations after the checkpoint (a crashed run's tail)
+            if (directory / name).exists():
+                shutil.copyfile(directory / name, trainer.out / name)
+            else:
+                (trainer.out / name).unlink(missing_ok=True)
+    trainer.dist.barrier()
+    trainer.completed_iteration = int(state["iteration"])
+    return trainer.completed_iteration
+
+
+def prune_checkpoints(out_dir: Path, keep: int) -> None:
+    """Keeps the newest ``keep`` iteration checkpoints (0 keeps all)."""
+    if keep <= 0:
+        return
+    found = sorted(p for p in (Path(out_dir) / "checkpoints").glob("iter_*") if p.is_dir() and p.suffix != ".tmp")
+    for old in found[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

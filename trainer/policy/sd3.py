@@ -1,0 +1,155 @@
+"""Stable Diffusion 3 / 3.5 through diffusers: the real policy.
+
+Loads a ``StableDiffusion3Pipeline`` from a local directory or a hub id (``local_files_only`` for
+directories and when ``HF_HUB_OFFLINE`` is set), keeps the VAE and the text encoders frozen,
+and trains the transformer (LoRA or full, see ``finetune.py``). Classifier-free guidance runs both
+branches in one batch exactly as the pipeline does ([uncond, cond], ``u + s (c - u)``), so
+``nfe_per_sample`` is 2 with guidance. T5 is optional: without it diffusers feeds zeros in its
+place (a smaller memory footprint; Flow-GRPO keeps it).
+
+Latents -> images: ``vae.decode(z / scaling_factor + shift_factor)``, then [-1, 1] -> uint8, the
+pipeline's own post-processing; the pruner's "vae" decoder does the same for x0-previews.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from epgrpo.trainer.policy.base import Conditioning, register_policy
+from epgrpo.trainer.policy.finetune import FineTunedPolicy, resolve_dtype
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _has_t5(path: str) -> bool:
+    """False when a local pipeline directory was saved without its T5 encoder."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return True  # a hub id: let diffusers decide
+    entry = json.loads(index.read_text()).get("text_encoder_3")
+    return bool(entry and entry[0]) and (Path(path) / "text_encoder_3").is_dir()
+
+
+def vae_decode_to_uint8(vae, latents: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """SD3 latents [N, C, h, w] -> uint8 images [N, H, W, 3] (the pipeline's post-processing)."""
+    out = []
+    with torch.no_grad():
+        for chunk in latents.split(batch_size):
+            z = chunk.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+            image = vae.decode(z, return_dict=False)[0].float()
+            out.append(((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+    return torch.cat(out).numpy()
+
+
+class SD3Policy(FineTunedPolicy):
+    preview_decoder = "vae"
+
+    def __init__(self, path: str, *, device: str = "cpu", dtype: str = "auto", guidance_scale: float = 4.5,
+                 resolution: int = 0, max_sequence_length: int = 128, text_encoder_3: bool = True,
+                 lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets=None, gradient_checkpointing: bool = False,
+                 preview_decoder: str = ""):
+        from diffusers import StableDiffusion3Pipeline
+
+        if not path:
+            raise ValueError("model.path: the sd3 model needs a pipeline directory or hub id "
+                             "(e.g. stabilityai/stable-diffusion-3.5-medium)")
+        device = torch.device(device)
+        torch_dtype = resolve_dtype(dtype, device)
+        local = Path(path).is_dir()
+        if not local and Path(path).exists():
+            raise ValueError(f"model.path: {path} is not a pipeline directory")
+        drop_t5 = {} if (text_encoder_3 and _has_t5(path)) else {"text_encoder_3": None, "tokenizer_3": None}
+        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=torch_dtype,
+                                                            local_files_only=local or _offline(), **drop_t5)
+        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if module is not None:
+                module.to(device).requires_grad_(False).eval()
+        self.setup_finetuning(pipe.transformer, device=device, dtype=torch_dtype, lora_rank=lora_rank,
+                              lora_alpha=lora_alpha, lora_targets=lora_targets,
+                              gradient_checkpointing=gradient_checkpointing)
+        self.pipe, self.vae = pipe, pipe.vae
+        self.guidance_scale = float(guidance_scale)
+        self.nfe_per_sample = 2 if self.guidance_scale > 1.0 else 1
+        self.max_sequence_length = max_sequence_length
+        if preview_decoder:
+            self.preview_decoder = preview_decoder
+        resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
+        if resolution % (pipe.vae_scale_factor * pipe.transformer.config.patch_size):
+            raise ValueError(f"model.resolution: expected a multiple of "
+                             f"{pipe.vae_scale_factor * pipe.transformer.config.patch_size}, got {resolution}")
+        self.resolution = resolution
+        side = resolution // pipe.vae_scale_factor
+        self.latent_shape = (pipe.transformer.config.in_channels, side, side)
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Encodes each distinct prompt once (text encoders are large), then gathers rows."""
+        unique = list(dict.fromkeys(prompts))
+        rows = torch.tensor([unique.index(p) for p in prompts], device=self.device)
+        with torch.no_grad():
+            embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
+                prompt=unique, prompt_2=None, prompt_3=None, device=self.device,
+                do_classifier_free_guidance=self.cfg, negative_prompt="",
+                max_sequence_length=self.max_sequence_length,
+            )
+        cond = {"prompt_embeds": embeds[rows], "pooled_projections": pooled[rows]}
+        if self.cfg:
+            cond.update(negative_prompt_embeds=neg_embeds[rows], negative_pooled_projections=neg_pooled[rows])
+        return cond
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        timestep = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(x.shape[0]) * 1000.0
+        embeds, pooled = cond["prompt_embeds"], cond["pooled_projections"]
+        if self.cfg:  # one batch [uncond, cond], as the pipeline does
+            x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
+            embeds = torch.cat([cond["negative_prompt_embeds"], embeds])
+            pooled = torch.cat([cond["negative_pooled_projections"], pooled])
+        v = self.run_transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled)
+        if not self.cfg:
+            return v
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + self.guidance_scale * (v_cond - v_uncond)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return vae_decode_to_uint8(self.vae, latents)
+
+    def export(self, out_dir: Path) -> list[Path]:
+        """LoRA: ``lora/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out_dir / "lora")``;
+        full fine-tuning: ``transformer/`` for ``SD3Transformer2DModel.from_pretrained``."""
+        from diffusers import StableDiffusion3Pipeline
+
+        if self.lora_config is None:
+            target = Path(out_dir) / "transformer"
+            self.transformer.save_pretrained(target)
+            return [target]
+        target = Path(out_dir) / "lora"
+        StableDiffusion3Pipeline.save_lora_weights(
+            target, transformer_lora_layers={k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict().items()},
+            # without the metadata diffusers would assume alpha = rank and scale the LoRA differently
+            transformer_lora_adapter_metadata=self.lora_config.to_dict(),
+        )
+        return [target]
+
+
+@register_policy("sd3")
+def _sd3_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 4.5,
+                 resolution: int = 0, max_sequence_length: int = 128, text_encoder_3: bool = True,
+                 lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets=None,
+                 gradient_checkpointing: bool = False, preview_decoder: str = "", **_):
+    return SD3Policy(path, device=device, dtype=dtype, guidance_scale=guidance_scale, resolution=resolution,
+                     max_sequence_length=max_sequence_length, text_encoder_3=text_encoder_3, lora_rank=lora_rank,
+                     lora_alpha=lora_alpha, lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing,
+                     preview_decoder=preview_decoder)
