@@ -91,6 +91,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 repeats, small payloads only")
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
+    # Servers and client share this process: one torch thread, as the services run next to a
+    # trainer (`--torch-threads 1`); two spinning thread pools on a loaded 2-core box cost ~30x.
+    torch.set_num_threads(1)
     servers = Servers()
     echo_channel = grpc.insecure_channel(f"127.0.0.1:{servers.echo.port}", options=[
         ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)])
