@@ -134,7 +134,9 @@ class ComposeAsProcesses:
         return out
 
     def instance_env(self, name: str, ip: str, service: dict, paths) -> dict[str, str]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # One intra-op thread per process: four processes share this machine's two cores, and
+        # competing torch thread pools slow each other down many times (a host setting, not compose's).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         env.update({k: self.rewrite(v, name, ip, paths) for k, v in self.image_env.items()})
         env.update({k: self.rewrite(str(v), name, ip, paths) for k, v in (service.get("environment") or {}).items()})
         if name in self.metrics_port:

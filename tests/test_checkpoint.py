@@ -33,7 +33,7 @@ OPTIONS = [
     "train.lr=3e-3", "train.lr_schedule=constant_with_warmup", "train.lr_warmup_iterations=3", "train.ema=true",
     "train.stat_buffer=8", "train.timestep_fraction=0.34", "train.inner_epochs=2", "train.train_batch_size=2",
     "train.gradient_accumulation=1", "reward.rewards=jpeg_compressibility:1", "reward.judge=", "eval.samples_per_prompt=1",
-    "eval.every=0", "launch_services=false", "progress=false",
+    "eval.every=0", "eval.max_prompts=2", "launch_services=false", "progress=false",
 ]
 
 
@@ -85,7 +85,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(services, tiny_policy_f
     assert summary["nfe_used"] == straight.nfe_cumulative == resumed.nfe_cumulative
 
 
-def test_checkpoint_holds_no_pickle_and_resume_latest(services, tiny_policy_factory, tmp_path):
+def test_checkpoint_holds_no_pickle_and_resume_latest(services, tiny_policy_factory, tmp_path, caplog):
     trainer = train(services, tiny_policy_factory(lora_rank=4), tmp_path, "train.iterations=2",
                     "train.checkpoint_every=1", "train.checkpoint_keep=1")
     (checkpoint,) = (tmp_path / "checkpoints").iterdir()  # iteration 1's was pruned (keep 1)
@@ -101,8 +101,10 @@ def test_checkpoint_holds_no_pickle_and_resume_latest(services, tiny_policy_fact
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iteration": 3, "reward_mean": 0.0}) + "\n")
     resumed = train(services, tiny_policy_factory(lora_rank=4), tmp_path, "train.iterations=3",
-                    "train.resume_from=latest")
+                    "train.resume_from=latest", "train.beta=0.05")
     assert [r["iteration"] for r in metrics(tmp_path)] == [1, 2, 3] and resumed.completed_iteration == 3
+    changed = [r.getMessage() for r in caplog.records if "changed option" in r.getMessage()]
+    assert len(changed) == 1 and "train.beta: 0.04 -> 0.05" in changed[0]  # iterations may change silently
     assert metrics(tmp_path)[2]["reward_mean"] != 0.0
     # save_checkpoint is callable from outside the loop (e.g. on a fatal error)
     target = save_checkpoint(resumed, tmp_path / "manual")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from epgrpo.protos.channel import REWARD_SERVICE
@@ -142,6 +143,8 @@ def tiny_config(out: Path, *overrides: str):
 @pytest.mark.slow
 def test_sigkilled_replica_mid_run_loses_and_repeats_no_iteration(tmp_path, background_server, tiny_policy_factory):
     a, b = start_replica("reward-a", tmp_path / "logs"), start_replica("reward-b", tmp_path / "logs")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the trainer shares two cores with two replicas: no competing thread pools
     try:
         replicas = f"{a.address},{b.address}"
         pruner = background_server(pruner_registrar(replicas))
@@ -158,6 +161,7 @@ def test_sigkilled_replica_mid_run_loses_and_repeats_no_iteration(tmp_path, back
         pruner_client.close()
         after_a = scored(a)
     finally:
+        torch.set_num_threads(threads)
         a.stop()
         b.stop()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -186,7 +190,8 @@ def test_all_replicas_dead_beyond_the_budget_saves_and_exits_nonzero(tmp_path, b
                    "sampling.num_steps=4", "train.prompts_per_iteration=2", "eval.samples_per_prompt=1",
                    "eval.every=0", f"out_dir={out}", "progress=false"]
         seen = kill_after_first_iteration(out, replica)
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # shares 2 cores with the replica
         exited = time.monotonic()
     finally:
         replica.stop()

@@ -121,6 +121,7 @@ def test_ema_warm_up_swap_and_state():
     ("sampling.guidance_scale=0.5", "sampling.guidance_scale: expected a finite number >= 1"),
     ("model.dtype=fp8", "model.dtype: expected auto | fp32 | bf16 | fp16"),
     ("train.ema_decay=1", "train.ema_decay: expected in [0, 1)"),
+    ("train.lr_warmup_iterations=5", "train.lr_schedule: expected a schedule with warm-up"),
 ])
 def test_bad_options_name_the_field(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")

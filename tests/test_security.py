@@ -97,13 +97,17 @@ def test_token_right_wrong_missing_and_malformed(background_server):
     assert rejected == 5
 
 
-def test_token_file_accepts_every_listed_token_for_rotation(tmp_path):
+def test_token_file_accepts_every_listed_token_for_rotation(tmp_path, monkeypatch):
+    from epgrpo.services.common import auth
     from epgrpo.services.common.auth import load_tokens
 
     path = tmp_path / "tokens"
     path.write_text("old-token\n\nnew-token\n")
     interceptor = TokenAuthInterceptor(load_tokens(path))
+    compared, real = [], auth.hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append((len(a), len(b))) or real(a, b))
     assert interceptor.problem([("authorization", "Bearer old-token")]) is None
+    assert compared == [(32, 32), (32, 32)]  # constant time: every token compared, as equal-length digests
     assert interceptor.problem([("authorization", "Bearer new-token")]) is None
     assert interceptor.problem([("authorization", "Bearer newtoken")]) == "invalid bearer token"
     assert "missing" in interceptor.problem([])

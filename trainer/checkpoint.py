@@ -32,9 +32,11 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger("epgrpo.checkpoint")
 
 METRIC_FILES = ("metrics.jsonl", "eval.jsonl")
-# Options that may change between a run and its resumption without changing what it computes.
-RESUMABLE_CHANGES = ("train.iterations", "train.resume_from", "train.checkpoint_every", "train.checkpoint_keep",
-                     "out_dir", "launch_services", "progress", "reward.address", "pruner.address", "eval.")
+# Options (prefixes) that may change between a run and its resumption without changing what it
+# computes: the length of the run, where services live and how to reach them, evaluation.
+RESUMABLE_CHANGES = ("train.iterations", "train.resume_from", "train.checkpoint_", "out_dir", "launch_services",
+                     "progress", "reward.address", "reward.deadline_s", "reward.retry_budget_s", "reward.tls_",
+                     "reward.token_file", "pruner.", "eval.", "model.device")
 
 
 def checkpoint_dir(out_dir: Path, iteration: int) -> Path:
@@ -138,7 +140,7 @@ def _changed_options(saved: dict, current: dict, prefix: str = "") -> list[str]:
         a, b, name = saved.get(key), current.get(key), f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
             changed += _changed_options(a, b, f"{name}.")
-        elif a != b and not any(name == r or (r.endswith(".") and name.startswith(r)) for r in RESUMABLE_CHANGES):
+        elif a != b and not name.startswith(RESUMABLE_CHANGES):
             changed.append(f"{name}: {a!r} -> {b!r}")
     return changed
 

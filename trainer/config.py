@@ -343,6 +343,8 @@ def validate_policy_options(c: Config, need) -> None:
                        ("eval.num_steps", c.eval.num_steps)]:
         need(value >= 0, key, ">= 0", value)
     need(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", " | ".join(LR_SCHEDULES), t.lr_schedule)
+    need(not (t.lr_warmup_iterations and t.lr_schedule == "constant"), "train.lr_schedule",
+         "a schedule with warm-up (constant_with_warmup, linear, cosine) when lr_warmup_iterations > 0", t.lr_schedule)
     need(0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1)", t.ema_decay)
     need(t.ema_every >= 1, "train.ema_every", ">= 1", t.ema_every)
     need(c.eval.max_prompts >= 1, "eval.max_prompts", ">= 1", c.eval.max_prompts)

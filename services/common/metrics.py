@@ -12,6 +12,7 @@ The interceptor sits outside the auth interceptor, so rejected calls are counted
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -91,8 +92,8 @@ def _items(message, ids: dict) -> int | None:
     if kind == "PruneStreamRequest" and message.WhichOneof("message") == "open":
         ids["rollout_id"] = message.open.rollout_id
         return None
-    checkpoint = getattr(message, "checkpoint", None) if kind in ("PruneStreamRequest", "PruneRequest") else None
-    if checkpoint is not None:
+    if kind in ("PruneStreamRequest", "PruneRequest") and message.HasField("checkpoint"):
+        checkpoint = message.checkpoint
         groups = ids.setdefault("group_ids", [])
         if checkpoint.group_id not in groups:
             groups.append(checkpoint.group_id)
@@ -208,7 +209,7 @@ def _code(context, error: BaseException | None) -> str:
         return code.name
     if error is None:
         return "OK"
-    if isinstance(error, (GeneratorExit,)) or type(error).__name__ == "CancelledError":
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # the client went away
         return "CANCELLED"
     return "UNKNOWN"
 
