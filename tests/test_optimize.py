@@ -76,6 +76,19 @@ def test_sde_window_rollout_trains_only_the_window(tiny_policy_factory):
     assert train_step_subset([4, 5], 0.01, 0, 1) in ([4], [5]) and train_step_subset([4, 5], 1.0, 0, 1) == [4, 5]
 
 
+def test_sampling_in_chunks_bounds_the_batch_and_keeps_the_samples(tiny_policy_factory):
+    policy = tiny_policy_factory()
+    sigmas, seeds = sigma_grid(4), sample_seeds(0, 3, 8)
+    whole = rollout(policy, PROMPTS, 4, sigmas, noise_level=0.7, seeds=seeds)
+    sizes = []
+    velocity = policy.velocity
+    policy.velocity = lambda x, sigma, cond: sizes.append(len(x)) or velocity(x, sigma, cond)
+    chunked = rollout(policy, PROMPTS, 4, sigmas, noise_level=0.7, seeds=seeds, batch_size=3)
+    assert sizes == [3, 3, 2] * 4
+    torch.testing.assert_close(chunked.latents, whole.latents, rtol=1e-5, atol=1e-5)
+    assert chunked.nfe == whole.nfe == 8 * 4
+
+
 def test_prompt_stat_tracker():
     prompts = ["a", "a", "b", "b", "b"]
     rewards = torch.tensor([1.0, 3.0, 0.0, 1.0, 5.0])

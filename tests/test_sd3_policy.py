@@ -59,6 +59,36 @@ def test_sampling_equals_the_stock_pipeline(tiny_sd3_dir):
     np.testing.assert_array_equal(images, to_uint8(pipeline_sample(pipe, policy.latent_shape, "np")))
 
 
+def test_full_fine_tuning_exports_a_loadable_transformer(tiny_sd3_dir, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    policy = make_policy(tiny_sd3_dir)
+    with torch.no_grad():
+        policy.transformer.proj_out.bias.add_(0.5)  # stands in for training
+    (path,) = policy.export(tmp_path)
+    loaded = SD3Transformer2DModel.from_pretrained(path, local_files_only=True)
+    for name, value in policy.transformer.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    with policy.reference():  # the frozen copy is untouched
+        assert not torch.equal(policy._active.proj_out.bias, policy.transformer.proj_out.bias)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_sd3_dir):
+    sigmas = sigma_grid(STEPS, SHIFT)
+    results = []
+    for checkpointing in (False, True):
+        policy = make_policy(tiny_sd3_dir, lora_rank=4, gradient_checkpointing=checkpointing)
+        batch = rollout(policy, PROMPTS, 2, sigmas, noise_level=0.7, seeds=sample_seeds(0, 4, 4))
+        advantages = group_advantages(torch.tensor([1.0, -1.0, 0.5, -0.5]), batch.group_index)
+        policy_update(policy, torch.optim.SGD(policy.trainable_parameters(), lr=1.0), batch, advantages, sigmas,
+                      noise_level=0.7, clip_range=0.2, beta=0.04, inner_epochs=1, max_grad_norm=1e9,
+                      train_batch_size=4)
+        results.append({k: v.detach().clone() for k, v in policy.state_dict().items()})
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(v, make_policy(tiny_sd3_dir, lora_rank=4).state_dict()[k]) for k, v in results[0].items())
+
+
 def test_guidance_one_means_one_transformer_call_per_sample(tiny_sd3_dir):
     policy = create_policy("sd3", path=str(tiny_sd3_dir), device="cpu", guidance_scale=1.0, max_sequence_length=TOKENS)
     assert policy.nfe_per_sample == 1 and "negative_prompt_embeds" not in policy.encode_prompts(PROMPTS)

@@ -53,6 +53,8 @@ class SamplingConfig:
     shift: float = opt(1.0, "time shift of the sigma grid (SD3 uses 3.0)")
     noise_level: float = opt(0.7, "SDE noise level a (Flow-GRPO default 0.7)")
     sde_last_step: bool = opt(False, "stochastic last step; default deterministic (ODE) and excluded from the loss")
+    batch_size: int = opt(0, "trajectories per transformer call when sampling (rollouts and evaluation; x2 with "
+                          "guidance); 0 = all of a rank's live trajectories at once")
     guidance_scale: float = opt(1.0, "classifier-free guidance scale (sd3; > 1 runs both branches: 2 NFE per sample; "
                                 "Flow-GRPO uses 4.5); the toy model has no guidance")
     sde_window_size: int = opt(0, "Flow-GRPO-Fast: only this many consecutive steps are stochastic (and trained), at a "
@@ -340,7 +342,7 @@ def validate_policy_options(c: Config, need) -> None:
     for key, value in [("train.gradient_accumulation", t.gradient_accumulation), ("train.stat_buffer", t.stat_buffer),
                        ("train.stat_min_count", t.stat_min_count), ("train.lr_warmup_iterations", t.lr_warmup_iterations),
                        ("train.checkpoint_every", t.checkpoint_every), ("train.checkpoint_keep", t.checkpoint_keep),
-                       ("eval.num_steps", c.eval.num_steps)]:
+                       ("eval.num_steps", c.eval.num_steps), ("sampling.batch_size", c.sampling.batch_size)]:
         need(value >= 0, key, ">= 0", value)
     need(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", " | ".join(LR_SCHEDULES), t.lr_schedule)
     need(not (t.lr_warmup_iterations and t.lr_schedule == "constant"), "train.lr_schedule",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from epgrpo.trainer import config as cfg
@@ -66,8 +67,6 @@ class Trainer:
         self.eval_sigmas = self.eval_sigmas.to(policy.device)
         t = config.train
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        from diffusers.optimization import get_scheduler
-
         self.lr_scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.lr_warmup_iterations,
                                           num_training_steps=t.iterations)  # stepped once per iteration
         self.ema = EMA(policy.trainable_parameters(), t.ema_decay, t.ema_every) if t.ema else None
@@ -102,7 +101,8 @@ class Trainer:
         prompts = [p for p in self.eval_prompts for _ in range(n)]
         seeds = [self.c.eval.seed * 100_003 + k for k in range(len(prompts))]  # fixed across evaluations
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
-            images = self.policy.decode(sample_ode(self.policy, prompts, seeds, self.eval_sigmas))
+            images = self.policy.decode(sample_ode(self.policy, prompts, seeds, self.eval_sigmas,
+                                                   self.c.sampling.batch_size))
         reward, _ = self.reward.score(images, prompts, self.rewards, request_id=f"eval-{iteration}")
         record = {"iteration": iteration, "reward": float(reward.mean())}
         if self.judge:
@@ -129,7 +129,7 @@ class Trainer:
         seeds = sample_seeds(c.train.seed, iteration, self.prompts_per_iteration * size)
         seeds = seeds[first_group * size:(first_group + len(prompts)) * size]
         kwargs = dict(noise_level=c.sampling.noise_level, seeds=seeds, sde_last_step=c.sampling.sde_last_step,
-                      group_ids=group_ids, sde_steps=self.sde_steps(iteration))
+                      group_ids=group_ids, sde_steps=self.sde_steps(iteration), batch_size=c.sampling.batch_size)
         if not self.schedule:
             return rollout(self.policy, prompts, c.prune.group_size, self.sigmas, **kwargs)
         strategy = "random" if c.prune.mode == "random_prune" else "ovf"

@@ -106,12 +106,14 @@ def rollout(
     group_ids: Sequence[str] | None = None,
     record_previews: bool = False,
     sde_steps: Sequence[int] | None = None,
+    batch_size: int = 0,
 ) -> RolloutResult:
     """Samples ``group_size`` trajectories per prompt; prunes per ``schedule`` [(step, keep)].
 
     ``record_previews`` keeps every step's x0-preview (for analysis: proxy fidelity, what-if pruning).
     ``sde_steps``: the stochastic (trainable) steps, the others are deterministic ODE steps
     (Flow-GRPO-Fast's SDE window); default every step but the last (all with ``sde_last_step``).
+    ``batch_size``: trajectories per transformer call (0 = every live one at once); bounds memory.
     """
     num_steps = len(sigmas) - 1
     total = len(prompts) * group_size
@@ -154,7 +156,7 @@ def rollout(
                 live, x = keep, x[rows]
             survivors_per_step.append(len(live))
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            v = policy.velocity(x, sigma, select(cond_all, live))
+            v = batched_velocity(policy, x, sigma, select(cond_all, live), batch_size)
             nfe += len(live) * policy.nfe_per_sample
             preview = x0_preview(x, v, sigma)
             if previews is not None:
@@ -180,12 +182,21 @@ def rollout(
     )
 
 
-def sample_ode(policy: PolicyAdapter, prompts: Sequence[str], seeds: Sequence[int], sigmas: torch.Tensor) -> torch.Tensor:
+def batched_velocity(policy: PolicyAdapter, x: torch.Tensor, sigma, cond, batch_size: int = 0) -> torch.Tensor:
+    """``policy.velocity`` in chunks of ``batch_size`` rows (0 = one call)."""
+    if batch_size <= 0 or len(x) <= batch_size:
+        return policy.velocity(x, sigma, cond)
+    return torch.cat([policy.velocity(x[s:s + batch_size], sigma, {k: v[s:s + batch_size] for k, v in cond.items()})
+                      for s in range(0, len(x), batch_size)])
+
+
+def sample_ode(policy: PolicyAdapter, prompts: Sequence[str], seeds: Sequence[int], sigmas: torch.Tensor,
+               batch_size: int = 0) -> torch.Tensor:
     """Deterministic (probability-flow ODE) samples, one per prompt and seed: the evaluation sampler."""
     cond = policy.encode_prompts(list(prompts))
     x = torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     x = x.to(policy.device)
     with torch.no_grad():
         for i in range(len(sigmas) - 1):
-            x = ode_step(x, policy.velocity(x, sigmas[i], cond), sigmas[i], sigmas[i + 1])
+            x = ode_step(x, batched_velocity(policy, x, sigmas[i], cond, batch_size), sigmas[i], sigmas[i + 1])
     return x
