@@ -192,8 +192,9 @@ class PrunerClient:
         return PrunerStream(self.stub, message, self.deadline_s)
 
     def select_by_scores(self, group_id: str, trajectory_ids: Sequence[int], scores: np.ndarray, keep: int,
-                         strategy: str = "ovf", seed: int = 0) -> list[int]:
-        """One stateless decision on precomputed scores (used for OVF after full sampling)."""
+                         strategy: str = "ovf", seed: int = 0, use_budget: bool = True) -> list[int]:
+        """One stateless decision on precomputed scores (used for OVF after full sampling).
+        ``use_budget=False``: one attempt (the channel's own retries only), for callers with a fallback."""
         request = pruner_pb2.PruneRequest(
             checkpoint=pruner_pb2.GroupCheckpoint(group_id=group_id, trajectory_ids=list(trajectory_ids),
                                                   scores=pruner_pb2.ScoreList(values=[float(s) for s in scores])),
@@ -206,6 +207,8 @@ class PrunerClient:
             except grpc.RpcError as e:
                 raise ServiceCallError("pruner", "Prune", e) from e
 
+        if not use_budget:
+            return attempt(None)
         return self.retry.call(attempt, f"pruner service ({self.address}) Prune {group_id}")
 
     def close(self) -> None:

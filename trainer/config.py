@@ -125,6 +125,9 @@ class RewardConfig:
 class PrunerConfig:
     address: str = opt("127.0.0.1:50052", "pruner service host:port (same forms as reward.address)")
     deadline_s: float = opt(600.0, "deadline of a rollout's pruning stream, seconds")
+    on_unavailable: str = opt("retry", "when the pruner is unreachable: retry (re-run the iteration within "
+                              "retry_budget_s, then checkpoint and stop) | no_prune (the affected groups go on "
+                              "unpruned, counted in metrics as pruner_fallback_groups, and logged)")
     retry_budget_s: float = opt(120.0, "re-run an iteration whose pruning stream broke (pruner or its reward service "
                                 "unavailable) with backoff for up to this many seconds, then save a checkpoint and stop")
     tls_ca: str = opt("", "PEM CA of the pruner server's certificate (turns TLS on); 'system' = system roots")
@@ -272,6 +275,8 @@ def validate(c: Config) -> None:
             raise ValueError(f"{key}: expected {expectation}, got {value!r}")
 
     need(c.prune.mode in MODES, "prune.mode", " | ".join(MODES), c.prune.mode)
+    need(c.pruner.on_unavailable in ("retry", "no_prune"), "pruner.on_unavailable", "retry | no_prune",
+         c.pruner.on_unavailable)
     need(c.sampling.num_steps >= 2, "sampling.num_steps", ">= 2", c.sampling.num_steps)
     need(c.sampling.shift > 0, "sampling.shift", "> 0", c.sampling.shift)
     need(0 < c.sampling.noise_level <= 2, "sampling.noise_level", "in (0, 2]", c.sampling.noise_level)

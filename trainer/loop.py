@@ -26,6 +26,7 @@ from epgrpo.trainer.ema import EMA
 from epgrpo.trainer.grpo import PromptStatTracker
 from epgrpo.trainer.optimize import policy_update, trained_steps
 from epgrpo.trainer.policy.base import PolicyAdapter
+from epgrpo.trainer.pruning import FallbackPruneSession, select_or_keep_all
 from epgrpo.trainer.report import MetricsWriter, plot_curves, save_grid
 from epgrpo.trainer.rollout import RolloutResult, rollout, sample_ode, sample_seeds, sde_window, train_step_subset
 from epgrpo.trainer.sde import sigma_grid
@@ -133,12 +134,16 @@ class Trainer:
         if not self.schedule:
             return rollout(self.policy, prompts, c.prune.group_size, self.sigmas, **kwargs)
         strategy = "random" if c.prune.mode == "random_prune" else "ovf"
+        rollout_id = f"it{iteration}-r{self.dist.rank}"
         with self.pruner.open(self.schedule, c.sampling.num_steps, self.proxy_rewards, strategy,
                               seed=c.prune.seed * 1_000_003 + iteration,
                               decoder=c.model.preview_decoder or self.policy.preview_decoder,
-                              rollout_id=f"it{iteration}-r{self.dist.rank}") as stream:
-            return rollout(self.policy, prompts, c.prune.group_size, self.sigmas, schedule=self.schedule,
-                           pruner=stream, **kwargs)
+                              rollout_id=rollout_id) as stream:
+            session = FallbackPruneSession(stream, rollout_id) if c.pruner.on_unavailable == "no_prune" else stream
+            batch = rollout(self.policy, prompts, c.prune.group_size, self.sigmas, schedule=self.schedule,
+                            pruner=session, **kwargs)
+            self.fallback_groups = len(getattr(session, "fallback_groups", ()))
+            return batch
 
     def select_after_sampling(self, batch: RolloutResult, rewards: np.ndarray, iteration: int) -> torch.Tensor:
         """full_ovf: the pruner picks each group's max-variance subset of the final rewards."""
@@ -146,13 +151,21 @@ class Trainer:
         for g in torch.unique(batch.group_index).tolist():
             members = (batch.group_index == g).nonzero().flatten()
             ids = batch.trajectory_ids[members].tolist()
-            kept = set(self.pruner.select_by_scores(f"it{iteration}-g{g}", ids, rewards[members.cpu().numpy()], self.keep))
+            if self.c.pruner.on_unavailable == "no_prune":
+                kept, fell_back = select_or_keep_all(self.pruner, f"it{iteration}-g{g}", ids,
+                                                     rewards[members.cpu().numpy()], self.keep)
+                self.fallback_groups += fell_back
+                kept = set(kept)
+            else:
+                kept = set(self.pruner.select_by_scores(f"it{iteration}-g{g}", ids, rewards[members.cpu().numpy()],
+                                                        self.keep))
             rows += [m for m, t in zip(members.tolist(), ids) if t in kept]
         return torch.tensor(sorted(rows), device=batch.group_index.device)
 
     def iteration(self, iteration: int) -> dict:
         c, dist = self.c, self.dist
         start = time.perf_counter()
+        self.fallback_groups = 0  # groups that went on unpruned because the pruner was unreachable
         # every rank draws the same prompts and takes its own contiguous share of whole groups
         prompts = self.rng.sample(self.prompts, self.prompts_per_iteration)
         per_rank = len(prompts) // dist.world_size
@@ -180,6 +193,8 @@ class Trainer:
         self.nfe_cumulative += nfe
         self.nfe_full_cumulative += nfe_full
         record["nfe_cumulative"] = self.nfe_cumulative
+        if self.fallback_groups:
+            record["pruner_fallback_groups"] = self.fallback_groups
         if not torch.isfinite(kept_rewards).all():
             record["skipped"] = f"{int((~torch.isfinite(kept_rewards)).sum())} non-finite rewards; weights untouched"
             log.warning("iteration %d skipped: %s", iteration, record["skipped"])

@@ -1,0 +1,54 @@
+"""What the trainer does when the pruner cannot be reached: ``pruner.on_unavailable``.
+
+``retry`` (default): the iteration is re-run within ``pruner.retry_budget_s``, then the run saves
+a checkpoint and stops (see ``Trainer.iteration_with_retries``).
+``no_prune``: the affected groups go on unpruned - the rollout keeps every live trajectory from
+that checkpoint on - and each such group is counted (``pruner_fallback_groups`` in metrics.jsonl)
+and logged. The run stays correct (advantages are per group); it just spends the full NFE there.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from epgrpo.trainer.clients import ServiceCallError
+from epgrpo.trainer.rollout import GroupState
+
+log = logging.getLogger("epgrpo.trainer.pruning")
+
+POLICIES = ("retry", "no_prune")
+
+
+class FallbackPruneSession:
+    """Wraps a pruning stream; after a retryable failure every group keeps all its trajectories."""
+
+    def __init__(self, stream, rollout_id: str):
+        self.stream = stream
+        self.rollout_id = rollout_id
+        self.failed: ServiceCallError | None = None
+        self.fallback_groups: set[str] = set()
+
+    def decide(self, step: int, sigma: float, groups: Sequence[GroupState]) -> dict[str, list[int]]:
+        if self.failed is None:
+            try:
+                return self.stream.decide(step, sigma, groups)
+            except ServiceCallError as e:
+                if not e.retryable:
+                    raise
+                self.failed = e
+                log.warning("rollout %s: pruner unavailable at step %d (%s); %d groups continue unpruned",
+                            self.rollout_id, step, e, len(groups))
+        self.fallback_groups.update(g.group_id for g in groups)
+        return {g.group_id: list(g.trajectory_ids) for g in groups}
+
+
+def select_or_keep_all(pruner, group_id: str, ids: list[int], scores, keep: int) -> tuple[list[int], bool]:
+    """full_ovf's selection, or every id (and True) when the pruner is unreachable."""
+    try:
+        return pruner.select_by_scores(group_id, ids, scores, keep, use_budget=False), False
+    except ServiceCallError as e:
+        if not e.retryable:
+            raise
+        log.warning("group %s: pruner unavailable (%s); trained unpruned", group_id, e)
+        return list(ids), True
