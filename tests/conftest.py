@@ -41,6 +41,19 @@ class BackgroundServer:
         self._loop.close()
 
 
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """A test that runs a CLI in-process may point the root logger at pytest's captured stderr;
+    background servers of later tests would then log into a closed stream."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+
+
 @pytest.fixture
 def background_server():
     """Factory: ``background_server(register, config=None) -> BackgroundServer``; stopped at teardown."""
