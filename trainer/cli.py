@@ -26,6 +26,13 @@ def _options_help() -> str:
     return "\n".join(lines)
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, key=value overrides and --log-level: every command that builds a run takes them."""
+    parser.add_argument("--config", help="YAML file with any of the options below")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. train.iterations=5")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epgrpo", description="Expand-and-Prune GRPO for flow-matching image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "reward.address / pruner.address point at running services.",
         epilog=_options_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--config", help="YAML file with any of the options below")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. train.iterations=5")
-    train.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
+    _add_config_arguments(train)
     analyze = sub.add_parser(
         "analyze", help="reward clustering, proxy fidelity and pruning ablations on your model and reward",
         description="Samples large unpruned groups with every step's x0-preview, scores them through the "
@@ -46,12 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "ablation_steps.png and ablation_gmax.png to out_dir. Takes the same options as train.",
         epilog=_options_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    analyze.add_argument("--config", help="YAML file with any of the options below")
-    analyze.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides")
+    _add_config_arguments(analyze)
     analyze.add_argument("--groups", type=int, default=10, help="prompts (groups) to sample (default %(default)s)")
     analyze.add_argument("--group-size", type=int, default=48, help="trajectories per group, G_max (default %(default)s)")
     analyze.add_argument("--keep", type=int, default=12, help="k, the subset size kept by pruning (default %(default)s)")
-    analyze.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
     show = sub.add_parser("config", help="print the resolved config as YAML (same arguments as train)")
     show.add_argument("--config", help="YAML file")
     show.add_argument("overrides", nargs="*", metavar="key=value")
