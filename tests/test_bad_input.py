@@ -171,3 +171,31 @@ def test_steps_out_of_order_and_unknown_ids_are_failed_precondition(servers):
                                          pruner_pb2.PruneStreamRequest(checkpoint=bad)]), timeout=30))
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert info.value.details().startswith("checkpoint.")
+
+
+@SETTINGS
+@given(model=st.sampled_from(["digit", "jpeg_compressibility", "nope", ""]), version=st.sampled_from(["", "1", "7"]),
+       inputs=st.lists(st.tuples(st.sampled_from(["IMAGES", "PROMPTS", "OTHER", ""]),
+                                 st.sampled_from(["UINT8", "BYTES", "FP32", "INT64", "NOPE"]),
+                                 st.lists(st.integers(-1, 5), max_size=5), st.binary(max_size=64)), max_size=3),
+       outputs=st.lists(st.sampled_from(["SCORE", "OTHER"]), max_size=2))
+def test_oip_model_infer_malformed(servers, model, version, inputs, outputs):
+    from epgrpo.protos.v1 import oip_pb2, oip_pb2_grpc
+
+    request = oip_pb2.ModelInferRequest(
+        model_name=model, model_version=version,
+        inputs=[oip_pb2.ModelInferRequest.InferInputTensor(name=n, datatype=d, shape=s) for n, d, s, _ in inputs],
+        outputs=[oip_pb2.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs],
+        raw_input_contents=[raw for *_, raw in inputs])
+    stub = oip_pb2_grpc.GRPCInferenceServiceStub(servers["reward"])
+    try:
+        stub.ModelInfer(request, timeout=30)
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as e:  # OIP clients expect NOT_FOUND for unknown models / versions
+        code = e.code()
+        assert code in PRECISE | {grpc.StatusCode.NOT_FOUND}, f"{code} {e.details()}"
+        assert e.details() and ":" in e.details(), e.details()
+    SEEN.setdefault("oip.ModelInfer", {}).setdefault(code.name, 0)
+    SEEN["oip.ModelInfer"][code.name] += 1
+    health = health_pb2_grpc.HealthStub(servers["reward"]).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
