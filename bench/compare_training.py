@@ -1,11 +1,12 @@
-"""Training comparison on the toy task: plain GRPO vs full group + OVF vs Expand-and-Prune vs Flash.
+"""Training comparison on the toy task: plain GRPO vs full group + OVF vs Expand-and-Prune (pruning
+at steps {4, 6} and, later, {6, 8}) vs Flash.
 
 Every configuration trains the same cached base model with the same prompts, for several seeds,
 against one reward + pruner service pair (local processes). Evaluation reward (ODE, fixed seeds)
 is reported against training wall time (sum of iteration times, evaluation excluded) and against
 cumulative transformer calls. Runs are interleaved (seed-major) so machine noise spreads evenly.
 
-    python bench/compare_training.py --out runs/compare          # 3 seeds x 4 configs
+    python bench/compare_training.py --out runs/compare          # 3 seeds x 5 configs, ~15 min
     python bench/compare_training.py --quick --out /tmp/cmp      # seconds; used by the tests
 """
 
@@ -29,6 +30,7 @@ CONFIGS = {
     "grpo G=8": ["prune.mode=grpo", "prune.group_size=8"],
     "full16+ovf→4": ["prune.mode=full_ovf", "prune.group_size=16", "prune.keeps=[4]"],
     "E&P 16→8→4": ["prune.mode=expand_prune", "prune.group_size=16", "prune.steps=[4,6]", "prune.keeps=[8,4]"],
+    "E&P 16→8→4 late": ["prune.mode=expand_prune", "prune.group_size=16", "prune.steps=[6,8]", "prune.keeps=[8,4]"],
     "Flash 8→6→4": ["prune.mode=expand_prune", "prune.group_size=8", "prune.steps=[4,6]", "prune.keeps=[6,4]"],
 }
 

@@ -31,7 +31,7 @@ def test_training_comparison_runs(tmp_path):
     out = run("compare_training.py", "--quick", "--out", str(tmp_path))
     assert "| E&P 16→8→4 |" in out
     summary = json.loads((tmp_path / "comparison.json").read_text())
-    assert set(summary) == {"grpo G=8", "full16+ovf→4", "E&P 16→8→4", "Flash 8→6→4"}
+    assert set(summary) == {"grpo G=8", "full16+ovf→4", "E&P 16→8→4", "E&P 16→8→4 late", "Flash 8→6→4"}
     assert summary["E&P 16→8→4"]["nfe"] < summary["full16+ovf→4"]["nfe"]
     assert (tmp_path / "comparison.png").stat().st_size > 1000
 

@@ -66,7 +66,8 @@ class SamplingConfig:
 class PruneConfig:
     mode: str = opt("expand_prune", "grpo | full_ovf (sample all, OVF on final rewards) | expand_prune | random_prune")
     group_size: int = opt(16, "trajectories per prompt at the start (G for grpo, G_max otherwise)")
-    steps: list = opt([4, 6], "checkpoint steps: only the survivors take steps >= each one")
+    steps: list = opt([6, 8], "checkpoint steps: only the survivors take steps >= each one (the toy default "
+                      "prunes late: its x0-previews rank trajectories well from step 6 on; see README Evidence)")
     keeps: list = opt([8, 4], "survivors per group after each checkpoint (strictly decreasing)")
     proxy_rewards: str = opt("", "rewards scoring the x0-previews, 'name:weight,...'; empty = the training rewards")
     seed: int = opt(0, "seed of the random strategy")
