@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.seeds, args.iterations, args.eval_every, args.eval_samples = 1, 2, 1, 1
         recipe = ToyRecipe(pretrain_steps=3, batch_size=16)
-        args.extra = [*args.extra, "train.prompts_per_iteration=2", "sampling.num_steps=8"]
+        args.extra = [*args.extra, "train.prompts_per_iteration=2"]
     baseline = "grpo G=8"
     curves: dict[str, list] = {name: [] for name in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp, LocalStack(["digit", "digit_judge"], Path(tmp)) as stack:
