@@ -3,7 +3,8 @@
 Same prompts and seeds for every configuration (toy digit model, CPU):
   grpo24     plain GRPO, G = 24, trains on 24 per prompt
   full48+ovf the full expanded group of 48, OVF on final rewards -> 12 trained
-  ep48       Expand-and-Prune 48 -> 24 -> 12 at steps {5, 7} of 10
+  ep48       Expand-and-Prune 48 -> 24 -> 12 at steps {5, 7} of 10 (the paper's: deciding on the
+             previews of x_5 and x_7)
   flash24    "Flash" 24 -> 16 -> 12 at steps {5, 7} of 10
 The pruner runs in-process (same classes as the service) and over gRPC (real reward + pruner
 services as local processes), so the transport's share is visible. Configurations are
@@ -36,7 +37,7 @@ from epgrpo.trainer.launch import LocalStack
 from epgrpo.trainer.optimize import policy_update
 from epgrpo.trainer.policy.toy import ToyDigitPolicy, ToyRecipe
 from epgrpo.trainer.rollout import rollout, sample_seeds
-from epgrpo.trainer.sde import sigma_grid
+from epgrpo.trainer.samplers import FlowSampler
 
 CONFIGS = {  # name: (group size, schedule, trained per group, post-sampling OVF)
     "grpo24": (24, [], 24, False),
@@ -74,22 +75,22 @@ def scale(configs: dict, factor: float) -> dict:
 
 
 def measure(policy, reward, configs, prompts, num_steps, repeats, pruner_client):
-    sigmas = sigma_grid(num_steps)
+    sampler = FlowSampler.uniform(num_steps)
     optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)  # same compute, unchanged weights
     results = {name: {"rollout_s": [], "rollout_grpc_s": [], "train_s": []} for name in configs}
     for rep in range(repeats):
         for name, (group, schedule, keep, post_ovf) in configs.items():
             seeds = sample_seeds(0, rep, len(prompts) * group)
-            kwargs = dict(noise_level=0.7, seeds=seeds, schedule=schedule)
+            kwargs = dict(seeds=seeds, schedule=schedule)
             transports = [("rollout_s", None)] + ([("rollout_grpc_s", pruner_client)] if schedule else [])
             for key, client in transports:
                 start = time.perf_counter()
                 if client is None:
                     pruner = InProcessPruner(schedule, num_steps, reward) if schedule else None
-                    batch = rollout(policy, prompts, group, sigmas, pruner=pruner, **kwargs)
+                    batch = rollout(policy, prompts, group, sampler, pruner=pruner, **kwargs)
                 else:
                     with client.open(schedule, num_steps, [("digit", 1.0)]) as stream:
-                        batch = rollout(policy, prompts, group, sigmas, pruner=stream, **kwargs)
+                        batch = rollout(policy, prompts, group, sampler, pruner=stream, **kwargs)
                 results[name][key].append(time.perf_counter() - start)
             rewards = reward.score(policy.decode(batch.final), batch.prompts)
             if post_ovf:
@@ -101,7 +102,7 @@ def measure(policy, reward, configs, prompts, num_steps, repeats, pruner_client)
             assert len(batch.prompts) == keep * len(prompts)
             advantages = group_advantages(torch.from_numpy(rewards), batch.group_index)
             start = time.perf_counter()
-            policy_update(policy, optimizer, batch, advantages, sigmas, noise_level=0.7, clip_range=1e-4,
+            policy_update(policy, optimizer, batch, advantages, sampler, clip_range=1e-4,
                           beta=0.04, inner_epochs=1, max_grad_norm=1.0, train_batch_size=64)
             results[name]["train_s"].append(time.perf_counter() - start)
             results[name]["nfe"] = batch.nfe
@@ -112,12 +113,13 @@ def measure(policy, reward, configs, prompts, num_steps, repeats, pruner_client)
 
 
 def expected_nfe(group, schedule, num_steps, prompts):
-    """sum over steps of the live trajectories (previews cost nothing extra)."""
+    """Sum over steps of the trajectories that call the model; pruning at s follows step s's call,
+    whose output is also the preview: nothing is computed twice."""
     live, total = group, 0
     keeps = dict(schedule)
     for step in range(num_steps):
-        live = keeps.get(step, live)
         total += live
+        live = keeps.get(step, live)
     return total * prompts
 
 

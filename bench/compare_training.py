@@ -1,5 +1,5 @@
 """Training comparison on the toy task: plain GRPO vs full group + OVF vs Expand-and-Prune (pruning
-at steps {4, 6} and, later, {6, 8}) vs Flash.
+at steps {3, 5} and, later, {5, 7}: deciding on the previews of x_3, x_5 / x_5, x_7) vs Flash.
 
 Every configuration trains the same cached base model with the same prompts, for several seeds,
 against one reward + pruner service pair (local processes). Evaluation reward (ODE, fixed seeds)
@@ -29,9 +29,9 @@ from epgrpo.trainer.policy.toy import ToyDigitPolicy, ToyRecipe
 CONFIGS = {
     "grpo G=8": ["prune.mode=grpo", "prune.group_size=8"],
     "full16+ovf→4": ["prune.mode=full_ovf", "prune.group_size=16", "prune.keeps=[4]"],
-    "E&P 16→8→4": ["prune.mode=expand_prune", "prune.group_size=16", "prune.steps=[4,6]", "prune.keeps=[8,4]"],
-    "E&P 16→8→4 late": ["prune.mode=expand_prune", "prune.group_size=16", "prune.steps=[6,8]", "prune.keeps=[8,4]"],
-    "Flash 8→6→4": ["prune.mode=expand_prune", "prune.group_size=8", "prune.steps=[4,6]", "prune.keeps=[6,4]"],
+    "E&P 16→8→4": ["prune.mode=expand_prune", "prune.group_size=16", "prune.steps=[3,5]", "prune.keeps=[8,4]"],
+    "E&P 16→8→4 late": ["prune.mode=expand_prune", "prune.group_size=16", "prune.steps=[5,7]", "prune.keeps=[8,4]"],
+    "Flash 8→6→4": ["prune.mode=expand_prune", "prune.group_size=8", "prune.steps=[3,5]", "prune.keeps=[6,4]"],
 }
 
 

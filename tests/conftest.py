@@ -89,3 +89,19 @@ def tiny_sd3_dir(tmp_path_factory):
     from tiny_sd3 import build_tiny_sd3
 
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random StableDiffusionPipeline (SD 1.x layout, DDIM scheduler; see tests/tiny_sd.py)."""
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A tiny random FluxPipeline with a guidance embedding (see tests/tiny_flux.py)."""
+    from tiny_flux import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))

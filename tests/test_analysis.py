@@ -21,7 +21,8 @@ def record(final, previews):
 
 
 def test_nfe_counts_survivors_per_step():
-    assert nfe(48, [(5, 24), (7, 12)], 10) == 48 * 5 + 24 * 2 + 12 * 3 == 324
+    # pruning at s follows the call at x_s: steps 0-5 with 48, 6-7 with 24, 8-9 with 12
+    assert nfe(48, [(5, 24), (7, 12)], 10) == 48 * 6 + 24 * 2 + 12 * 2 == 360
     assert nfe(24, [], 10) == 240
 
 
@@ -49,13 +50,14 @@ def test_fidelity_is_one_for_perfect_previews_and_tracks_noise():
     assert abs(rho[0]["rho_mean"]) < 0.9
 
 
-def test_what_if_uses_the_previous_steps_preview_and_chains_checkpoints():
+def test_what_if_decides_on_the_previews_of_the_pruning_step_and_chains_checkpoints():
     final = np.arange(8, dtype=float)
     previews = np.zeros((4, 8))
-    previews[1] = [0, 9, 9, 9, 9, 9, 9, 1]  # seen when pruning before step 2: extremes are 0, 7 and the 9s
-    previews[2] = np.arange(8)  # seen before step 3
-    live = what_if(record(final, previews), [(2, 4), (3, 2)], select)
-    assert len(live) == 2 and set(live) <= set(what_if(record(final, previews), [(2, 4)], select))
+    previews[1] = [9, 9, 9, 0, 1, 9, 9, 9]  # one step early: would keep other trajectories
+    previews[2] = np.arange(8)  # OVF(4) keeps the extremes 0, 1, 6, 7
+    previews[3] = [10, 3, 50, 50, 50, 50, 4, 20]  # among 0, 1, 6, 7: OVF(2) keeps 3 and 20
+    assert what_if(record(final, previews), [(2, 4)], select).tolist() == [0, 1, 6, 7]
+    assert what_if(record(final, previews), [(2, 4), (3, 2)], select).tolist() == [1, 7]
 
 
 def test_perfect_previews_reach_the_oracle():
@@ -78,3 +80,24 @@ def test_analyze_command_writes_json_and_plots(tmp_path):
     assert len(result["fidelity"]["per_step"]) == 5 and result["clustering"]["k"] == 3
     for name in ("clustering.png", "fidelity.png", "ablation_steps.png", "ablation_gmax.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["toy_digits_ddpm", "sd3", "sd", "flux"])
+def test_analyze_runs_on_every_family_and_uses_the_prompt_file(family, tmp_path, request):
+    from epgrpo.trainer.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit 4\na handwritten digit 7\n" if family.startswith("toy") else
+                       "a red cat\na blue dog\n")
+    model = {"toy_digits_ddpm": ["model.pretrain_steps=3"],
+             "sd3": [f"model.path={request.getfixturevalue('tiny_sd3_dir')}", "model.max_sequence_length=8"],
+             "sd": [f"model.path={request.getfixturevalue('tiny_sd_dir')}"],
+             "flux": [f"model.path={request.getfixturevalue('tiny_flux_dir')}", "model.max_sequence_length=16"]}
+    out = tmp_path / "out"
+    assert main(["analyze", "--groups", "2", "--group-size", "4", "--keep", "2", f"model.name={family}",
+                 *model[family], "model.device=cpu", "sampling.num_steps=3", "reward.rewards=jpeg_compressibility:1",
+                 "reward.judge=", f"train.prompt_file={prompts}", f"out_dir={out}", "progress=false"]) == 0
+    result = json.loads((out / "analysis.json").read_text())
+    assert [g["prompt"] for g in result["clustering"]["groups"]] == prompts.read_text().split("\n")[:2]
+    assert len(result["fidelity"]["per_step"]) == 3

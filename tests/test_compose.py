@@ -142,7 +142,7 @@ def test_compose_stack_as_local_processes_trains(tmp_path):
     cache = Path(os.environ["EPGRPO_CACHE_DIR"])  # the test session's cache: pretrained toy models are reused
     run = ComposeAsProcesses(config, tmp_path, {"cache": cache}, image_env)
     tiny = ["model.pretrain_steps=3", "train.iterations=1", "train.prompts_per_iteration=2", "prune.group_size=4",
-            "prune.steps=[2]", "prune.keeps=[2]", "sampling.num_steps=4", "eval.samples_per_prompt=1", "progress=false"]
+            "prune.steps=[1]", "prune.keeps=[2]", "sampling.num_steps=4", "eval.samples_per_prompt=1", "progress=false"]
     try:
         for name in run.order():
             if name != "trainer":

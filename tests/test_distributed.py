@@ -41,7 +41,7 @@ def test_two_ranks_average_gradients_and_keep_groups_whole(services, tiny_policy
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(WORKER), str(record),
-        f"model.path={toy_dir}", "model.device=cpu", "prune.group_size=4", "prune.steps=[2]", "prune.keeps=[2]",
+        f"model.path={toy_dir}", "model.device=cpu", "prune.group_size=4", "prune.steps=[1]", "prune.keeps=[2]",
         "sampling.num_steps=4", "train.iterations=2", "train.prompts_per_iteration=4", "train.train_batch_size=3",
         "train.lr=1e-2", "reward.rewards=jpeg_compressibility:1", "reward.judge=", "eval.samples_per_prompt=1",
         "eval.every=0", "eval.max_prompts=2", f"reward.address={reward.address}", f"pruner.address={pruner.address}",

@@ -134,7 +134,7 @@ def kill_after_first_iteration(out: Path, victim: LocalService, before_kill=lamb
 
 def tiny_config(out: Path, *overrides: str):
     return load_config(None, [
-        "prune.group_size=8", "prune.steps=[3,5]", "prune.keeps=[4,2]", "sampling.num_steps=6",
+        "prune.group_size=8", "prune.steps=[2,4]", "prune.keeps=[4,2]", "sampling.num_steps=6",
         "train.prompts_per_iteration=3", "eval.samples_per_prompt=1", "eval.every=0",
         f"out_dir={out}", "launch_services=false", "progress=false", *overrides,
     ])

@@ -8,7 +8,7 @@ from epgrpo.trainer.grpo import group_advantages
 from epgrpo.trainer.loop import Trainer
 from epgrpo.trainer.optimize import policy_update
 from epgrpo.trainer.rollout import rollout, sample_seeds
-from epgrpo.trainer.sde import sigma_grid
+from epgrpo.trainer.samplers import FlowSampler
 
 
 class NaNRewards:
@@ -42,13 +42,13 @@ def test_nan_reward_skips_the_iteration(tiny_policy_factory, tmp_path, caplog):
 
 def test_nan_log_probs_skip_the_optimizer_step(tiny_policy_factory):
     policy = tiny_policy_factory()
-    sigmas = sigma_grid(4)
-    batch = rollout(policy, ["a handwritten digit 1"], 4, sigmas, noise_level=0.7, seeds=sample_seeds(0, 0, 4))
+    sampler = FlowSampler.uniform(4)
+    batch = rollout(policy, ["a handwritten digit 1"], 4, sampler, seeds=sample_seeds(0, 0, 4))
     batch.latents[2, 1] = float("nan")  # a corrupted sample makes its log-prob NaN
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
     before = snapshot(policy)
-    stats = policy_update(policy, optimizer, batch, group_advantages(torch.arange(4.0), batch.group_index), sigmas,
-                          noise_level=0.7, clip_range=0.2, beta=0.04, inner_epochs=2, max_grad_norm=1.0,
+    stats = policy_update(policy, optimizer, batch, group_advantages(torch.arange(4.0), batch.group_index), sampler,
+                          clip_range=0.2, beta=0.04, inner_epochs=2, max_grad_norm=1.0,
                           train_batch_size=4)
     assert len(stats) == 1 and "non-finite" in stats[0].skipped
     assert unchanged(policy, before)

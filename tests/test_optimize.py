@@ -12,31 +12,31 @@ from epgrpo.trainer.ema import EMA
 from epgrpo.trainer.grpo import PromptStatTracker, group_advantages
 from epgrpo.trainer.optimize import policy_update
 from epgrpo.trainer.rollout import rollout, sample_seeds, sde_window, train_step_subset
-from epgrpo.trainer.sde import sigma_grid
+from epgrpo.trainer.samplers import FlowSampler
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 8"]
 
 
 def count_velocity_calls(policy):
     calls = []
-    velocity = policy.velocity
+    velocity = policy.predict
 
     def counted(x, sigma, cond):
         calls.append(round(float(sigma), 6))
         return velocity(x, sigma, cond)
 
-    policy.velocity = counted
+    policy.predict = counted
     return calls
 
 
 def test_accumulation_steps_and_exact_first_ratio(tiny_policy_factory):
     policy = tiny_policy_factory()
-    sigmas = sigma_grid(5)
-    batch = rollout(policy, PROMPTS, 4, sigmas, noise_level=0.7, seeds=sample_seeds(3, 1, 8))
+    sampler = FlowSampler.uniform(5)
+    batch = rollout(policy, PROMPTS, 4, sampler, seeds=sample_seeds(3, 1, 8))
     adv = group_advantages(torch.linspace(0, 1, 8), batch.group_index)
     calls = count_velocity_calls(policy)
     optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=0.0)
-    stats = policy_update(policy, optimizer, batch, adv, sigmas, noise_level=0.7, clip_range=1e-4, beta=0.0,
+    stats = policy_update(policy, optimizer, batch, adv, sampler, clip_range=1e-4, beta=0.0,
                           inner_epochs=2, max_grad_norm=1.0, train_batch_size=3, gradient_accumulation=2,
                           train_steps=[1, 3])
     # 3 micro-batches (3, 3, 2 trajectories), 2 per optimizer step -> 2 steps per epoch
@@ -44,18 +44,35 @@ def test_accumulation_steps_and_exact_first_ratio(tiny_policy_factory):
     # the old log-probs come from a no-grad pass in the same micro-batches: ratio exactly 1
     assert all(s.ratio_mean == 1.0 and s.approx_kl == 0.0 for s in stats)
     # only the chosen steps are evaluated: pre-pass + 2 epochs, 3 micro-batches each
-    assert sorted(set(calls)) == sorted({round(float(sigmas[1]), 6), round(float(sigmas[3]), 6)})
+    assert sorted(set(calls)) == sorted({round(float(sampler.sigmas[1]), 6), round(float(sampler.sigmas[3]), 6)})
     assert len(calls) == 3 * 3 * 2
+
+
+@pytest.mark.parametrize("micro_batches, optimizer_steps", [(4, 2), (3, 2), (5, 2), (2, 3)])
+def test_optimizer_steps_split_the_micro_batches_and_the_ratio_acts_after_the_first(
+        tiny_policy_factory, micro_batches, optimizer_steps):
+    policy = tiny_policy_factory()
+    sampler = FlowSampler.uniform(4)
+    batch = rollout(policy, PROMPTS, 5, sampler, seeds=sample_seeds(4, 1, 10))
+    adv = group_advantages(torch.linspace(-1, 1, 10), batch.group_index)
+    size = -(-10 // micro_batches)  # trajectories per micro-batch giving that many micro-batches
+    assert len(range(0, 10, size)) == micro_batches
+    stats = policy_update(policy, torch.optim.SGD(policy.trainable_parameters(), lr=0.5), batch, adv, sampler,
+                          clip_range=1e-4, beta=0.0, inner_epochs=1, max_grad_norm=1.0, train_batch_size=size,
+                          optimizer_steps=optimizer_steps)
+    assert stats[0].optimizer_steps == min(optimizer_steps, micro_batches)
+    # the first micro-batches see ratio 1; those after an optimizer step see the updated policy
+    assert stats[0].ratio_mean != 1.0 and stats[0].approx_kl > 0
 
 
 def test_a_non_finite_loss_skips_the_step_on_every_rank(tiny_policy_factory):
     policy = tiny_policy_factory()
-    sigmas = sigma_grid(4)
-    batch = rollout(policy, PROMPTS, 2, sigmas, noise_level=0.7, seeds=sample_seeds(3, 2, 4))
+    sampler = FlowSampler.uniform(4)
+    batch = rollout(policy, PROMPTS, 2, sampler, seeds=sample_seeds(3, 2, 4))
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     seen = []
     stats = policy_update(policy, torch.optim.SGD(policy.trainable_parameters(), lr=1.0), batch,
-                          torch.tensor([1.0, float("nan"), 0.0, 0.0]), sigmas, noise_level=0.7, clip_range=0.2,
+                          torch.tensor([1.0, float("nan"), 0.0, 0.0]), sampler, clip_range=0.2,
                           beta=0.0, inner_epochs=1, max_grad_norm=1.0, train_batch_size=4,
                           sync_gradients=lambda params: seen.append(all(torch.isnan(p.grad).all() for p in params)))
     assert seen == [True]  # the gradient handed to the all-reduce is poisoned, so no rank steps
@@ -69,7 +86,7 @@ def test_sde_window_rollout_trains_only_the_window(tiny_policy_factory):
     assert len(windows) > 1 and all(w[0] >= 0 and w[-1] <= 5 and len(w) == 3 for w in windows)
     assert sde_window(10, 3, 0, 6, 0, 7) == sde_window(10, 3, 0, 6, 0, 7)
     window = [1, 2]
-    batch = rollout(policy, PROMPTS, 2, sigma_grid(5), noise_level=0.7, seeds=sample_seeds(0, 1, 4), sde_steps=window)
+    batch = rollout(policy, PROMPTS, 2, FlowSampler.uniform(5), seeds=sample_seeds(0, 1, 4), sde_steps=window)
     assert [bool(torch.isfinite(batch.log_probs[:, i]).all()) for i in range(5)] == [False, True, True, False, False]
     subsets = [train_step_subset(range(10), 0.3, 0, i) for i in range(10)]
     assert all(len(s) == 3 and s == sorted(s) for s in subsets) and len({tuple(s) for s in subsets}) > 1
@@ -78,12 +95,12 @@ def test_sde_window_rollout_trains_only_the_window(tiny_policy_factory):
 
 def test_sampling_in_chunks_bounds_the_batch_and_keeps_the_samples(tiny_policy_factory):
     policy = tiny_policy_factory()
-    sigmas, seeds = sigma_grid(4), sample_seeds(0, 3, 8)
-    whole = rollout(policy, PROMPTS, 4, sigmas, noise_level=0.7, seeds=seeds)
+    sampler, seeds = FlowSampler.uniform(4), sample_seeds(0, 3, 8)
+    whole = rollout(policy, PROMPTS, 4, sampler, seeds=seeds)
     sizes = []
-    velocity = policy.velocity
-    policy.velocity = lambda x, sigma, cond: sizes.append(len(x)) or velocity(x, sigma, cond)
-    chunked = rollout(policy, PROMPTS, 4, sigmas, noise_level=0.7, seeds=seeds, batch_size=3)
+    velocity = policy.predict
+    policy.predict = lambda x, sigma, cond: sizes.append(len(x)) or velocity(x, sigma, cond)
+    chunked = rollout(policy, PROMPTS, 4, sampler, seeds=seeds, batch_size=3)
     assert sizes == [3, 3, 2] * 4
     torch.testing.assert_close(chunked.latents, whole.latents, rtol=1e-5, atol=1e-5)
     assert chunked.nfe == whole.nfe == 8 * 4
@@ -160,4 +177,5 @@ def test_example_configs_load():
     assert (sd35.prune.group_size, sd35.prune.steps, sd35.prune.keeps, sd35.sampling.num_steps) == (48, [5, 7], [24, 12], 10)
     assert (sd35.sampling.noise_level, sd35.train.beta, sd35.train.lr, sd35.train.clip_range) == (0.7, 0.01, 3e-4, 1e-4)
     assert (sd35.model.lora_rank, sd35.model.lora_alpha, sd35.sampling.guidance_scale) == (32, 64, 4.5)
+    assert (sd35.train.optimizer_steps, sd35.train.gradient_accumulation) == (2, 0)
     assert load_config(configs / "toy.yaml").model.name == "toy_digits"

@@ -10,7 +10,7 @@ from epgrpo.trainer.grpo import group_advantages
 from epgrpo.trainer.optimize import policy_update
 from epgrpo.trainer.policy.base import create_policy
 from epgrpo.trainer.rollout import rollout, sample_ode, sample_seeds
-from epgrpo.trainer.sde import sigma_grid
+from epgrpo.trainer.samplers import FlowSampler
 
 PROMPTS = ["a red cat", "a blue dog"]
 SEEDS = [11, 12]
@@ -49,11 +49,11 @@ def test_sampling_equals_the_stock_pipeline(tiny_sd3_dir):
     frozen = [policy.vae, policy.pipe.text_encoder, policy.pipe.text_encoder_2]
     assert all(not p.requires_grad for m in frozen for p in m.parameters())
     assert {id(p) for p in policy.trainable_parameters()} == {id(p) for p in policy.transformer.parameters()}
-    sigmas = sigma_grid(STEPS, SHIFT)
-    latents = sample_ode(policy, PROMPTS, SEEDS, sigmas)
+    sampler = FlowSampler.uniform(STEPS, SHIFT)
+    latents = sample_ode(policy, PROMPTS, SEEDS, sampler)
     pipe = load_pipeline(tiny_sd3_dir)
     torch.testing.assert_close(latents, pipeline_sample(pipe, policy.latent_shape, "latent"), rtol=0, atol=1e-6)
-    torch.testing.assert_close(pipe.scheduler.sigmas, sigmas, rtol=0, atol=1e-7)  # the same grid
+    torch.testing.assert_close(pipe.scheduler.sigmas, sampler.sigmas, rtol=0, atol=1e-7)  # the same grid
     images = policy.decode(latents)
     assert images.dtype == np.uint8 and images.shape == (2, 32, 32, 3)
     np.testing.assert_array_equal(images, to_uint8(pipeline_sample(pipe, policy.latent_shape, "np")))
@@ -74,14 +74,14 @@ def test_full_fine_tuning_exports_a_loadable_transformer(tiny_sd3_dir, tmp_path)
 
 
 def test_gradient_checkpointing_gives_the_same_update(tiny_sd3_dir):
-    sigmas = sigma_grid(STEPS, SHIFT)
+    sampler = FlowSampler.uniform(STEPS, SHIFT)
     results = []
     for checkpointing in (False, True):
         policy = make_policy(tiny_sd3_dir, lora_rank=4, gradient_checkpointing=checkpointing)
-        batch = rollout(policy, PROMPTS, 2, sigmas, noise_level=0.7, seeds=sample_seeds(0, 4, 4))
+        batch = rollout(policy, PROMPTS, 2, sampler, seeds=sample_seeds(0, 4, 4))
         advantages = group_advantages(torch.tensor([1.0, -1.0, 0.5, -0.5]), batch.group_index)
-        policy_update(policy, torch.optim.SGD(policy.trainable_parameters(), lr=1.0), batch, advantages, sigmas,
-                      noise_level=0.7, clip_range=0.2, beta=0.04, inner_epochs=1, max_grad_norm=1e9,
+        policy_update(policy, torch.optim.SGD(policy.trainable_parameters(), lr=1.0), batch, advantages, sampler,
+                      clip_range=0.2, beta=0.04, inner_epochs=1, max_grad_norm=1e9,
                       train_batch_size=4)
         results.append({k: v.detach().clone() for k, v in policy.state_dict().items()})
     for name, value in results[0].items():
@@ -96,18 +96,18 @@ def test_guidance_one_means_one_transformer_call_per_sample(tiny_sd3_dir):
 
 def test_lora_round_trip_through_load_lora_weights(tiny_sd3_dir, tmp_path):
     policy = make_policy(tiny_sd3_dir, lora_rank=4, lora_alpha=8)
-    sigmas = sigma_grid(STEPS, SHIFT)
+    sampler = FlowSampler.uniform(STEPS, SHIFT)
     trainable = policy.trainable_parameters()
     assert trainable and all("lora" in n for n in policy.state_dict()) and all(p.dtype == torch.float32 for p in trainable)
-    base_images = policy.decode(sample_ode(policy, PROMPTS, SEEDS, sigmas))
-    batch = rollout(policy, PROMPTS, 3, sigmas, noise_level=0.7, seeds=sample_seeds(0, 1, 6))
+    base_images = policy.decode(sample_ode(policy, PROMPTS, SEEDS, sampler))
+    batch = rollout(policy, PROMPTS, 3, sampler, seeds=sample_seeds(0, 1, 6))
     advantages = group_advantages(torch.randn(6, generator=torch.Generator().manual_seed(0)), batch.group_index)
     optimizer = torch.optim.AdamW(trainable, lr=0.05)
-    policy_update(policy, optimizer, batch, advantages, sigmas, noise_level=0.7, clip_range=1e-4, beta=0.04,
+    policy_update(policy, optimizer, batch, advantages, sampler, clip_range=1e-4, beta=0.04,
                   inner_epochs=2, max_grad_norm=1.0, train_batch_size=4)
-    trained = policy.decode(sample_ode(policy, PROMPTS, SEEDS, sigmas))
+    trained = policy.decode(sample_ode(policy, PROMPTS, SEEDS, sampler))
     with policy.reference():  # the adapter disabled is the base model
-        np.testing.assert_array_equal(policy.decode(sample_ode(policy, PROMPTS, SEEDS, sigmas)), base_images)
+        np.testing.assert_array_equal(policy.decode(sample_ode(policy, PROMPTS, SEEDS, sampler)), base_images)
 
     (path,) = policy.export(tmp_path)
     assert (path / "pytorch_lora_weights.safetensors").is_file()
@@ -127,12 +127,12 @@ def test_mixed_precision_keeps_lora_and_log_probs_in_fp32(tiny_sd3_dir):
     assert {p.dtype for p in bf16.trainable_parameters()} == {torch.float32}
     frozen = [p for p in bf16.transformer.parameters() if not p.requires_grad]
     assert {p.dtype for p in frozen} == {torch.bfloat16}
-    sigmas = sigma_grid(STEPS, SHIFT)
-    batch = rollout(bf16, PROMPTS, 2, sigmas, noise_level=0.7, seeds=sample_seeds(0, 2, 4))
+    sampler = FlowSampler.uniform(STEPS, SHIFT)
+    batch = rollout(bf16, PROMPTS, 2, sampler, seeds=sample_seeds(0, 2, 4))
     assert batch.log_probs.dtype == torch.float32 and torch.isfinite(batch.log_probs[:, :-1]).all()
     x = torch.randn(2, *full.latent_shape, generator=torch.Generator().manual_seed(3))
-    v32 = full.velocity(x, sigmas[1], full.encode_prompts(PROMPTS))
-    v16 = bf16.velocity(x, sigmas[1], bf16.encode_prompts(PROMPTS))
+    v32 = full.predict(x, sampler.timestep(1), full.encode_prompts(PROMPTS))
+    v16 = bf16.predict(x, sampler.timestep(1), bf16.encode_prompts(PROMPTS))
     assert v16.dtype == torch.float32
     assert (v16 - v32).abs().max() < 0.1 * v32.abs().max()  # bf16 is close, not equal
     images = bf16.decode(batch.final)
@@ -166,8 +166,8 @@ def test_pruner_refuses_to_start_with_a_bad_vae_directory(tmp_path, capsys):
 
 
 def test_unknown_model_and_missing_path_are_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="model.name: unknown model 'flux'"):
-        create_policy("flux")
+    with pytest.raises(ValueError, match="model.name: unknown model 'qwen_image'; available: flux, sd, sd3, toy_digits"):
+        create_policy("qwen_image")
     with pytest.raises(ValueError, match="model.path: the sd3 model needs"):
         create_policy("sd3", path="")
     with pytest.raises(ValueError, match="model.name: cannot import adapter module"):

@@ -33,7 +33,7 @@ def test_expand_and_prune_on_sd3_through_grpc(sd3_services, tiny_sd3_dir, tmp_pa
     config = load_config(None, [
         "model.name=sd3", f"model.path={tiny_sd3_dir}", "model.lora_rank=4", "model.max_sequence_length=8",
         "model.preview_decoder=tiny-sd3-vae", "model.device=cpu", "sampling.guidance_scale=4.5",
-        "sampling.num_steps=4", "sampling.shift=3.0", "prune.group_size=6", "prune.steps=[2,3]", "prune.keeps=[4,2]",
+        "sampling.num_steps=4", "sampling.shift=3.0", "prune.group_size=6", "prune.steps=[1,2]", "prune.keeps=[4,2]",
         "train.iterations=2", "train.prompts_per_iteration=2", f"train.prompt_file={prompts}", "train.lr=1e-2",
         "reward.rewards=jpeg_compressibility:1", "reward.judge=", "eval.samples_per_prompt=1", "eval.every=0",
         f"out_dir={out}", "launch_services=false", "progress=false",

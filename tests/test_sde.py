@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from epgrpo.trainer.sde import gaussian_kl, ode_step, sde_step, sigma_grid, x0_preview
+from epgrpo.trainer.samplers.flow_sde import gaussian_kl, ode_step, sde_step, sigma_grid, x0_preview
 
 
 def reference_step(x, v, sigma, sigma_next, a, guard, xi):

@@ -23,7 +23,7 @@ def services(background_server):
 
 def small_config(tmp_path, *overrides):
     return load_config(None, [
-        "prune.group_size=8", "prune.steps=[3,5]", "prune.keeps=[4,2]", "sampling.num_steps=6",
+        "prune.group_size=8", "prune.steps=[2,4]", "prune.keeps=[4,2]", "sampling.num_steps=6",
         "train.iterations=2", "train.prompts_per_iteration=3", "eval.samples_per_prompt=2", "eval.every=1",
         f"out_dir={tmp_path}", "launch_services=false", "progress=false", *overrides,
     ])
@@ -82,7 +82,7 @@ def test_main_job_starts_services_trains_and_prints_summary_path(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "epgrpo.trainer.cli", "train", "model.pretrain_steps=3", "train.iterations=1",
-         "train.prompts_per_iteration=2", "prune.group_size=4", "prune.steps=[2]", "prune.keeps=[2]",
+         "train.prompts_per_iteration=2", "prune.group_size=4", "prune.steps=[1]", "prune.keeps=[2]",
          "sampling.num_steps=4", "eval.samples_per_prompt=1", f"out_dir={out}", "progress=false"],
         capture_output=True, text=True, timeout=300,
     )

@@ -27,7 +27,7 @@ def test_client_channels_set_both_message_limits():
 
 def test_every_client_call_has_a_deadline():
     """Every stub call in the trainer and the pruner's reward client passes timeout=."""
-    calls = re.compile(r"\.(Score|ListRewards|Prune|PruneRollout|Check)\(")
+    calls = re.compile(r"\.(Score|ListRewards|Prune|PruneRollout|ListDecoders|Check)\(")
     missing = []
     for path in [ROOT / "trainer" / "clients.py", ROOT / "services" / "pruner" / "proxy.py", ROOT / "trainer" / "launch.py"]:
         text = path.read_text()

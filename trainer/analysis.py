@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from scipy.stats import spearmanr
 
 from epgrpo.trainer.policy.base import PolicyAdapter
 from epgrpo.trainer.rollout import rollout, sample_seeds
+from epgrpo.trainer.samplers import Sampler
 
 Select = Callable[[np.ndarray, int], list[int]]  # (scores, k) -> kept indices
 
@@ -40,9 +40,9 @@ class GroupRecord:
 
 
 def collect(policy: PolicyAdapter, score: Callable[[np.ndarray, list[str]], np.ndarray], prompts: Sequence[str],
-            group_size: int, sigmas: torch.Tensor, noise_level: float, seed: int = 0) -> list[GroupRecord]:
+            group_size: int, sampler: Sampler, seed: int = 0) -> list[GroupRecord]:
     """One unpruned rollout with previews recorded; rewards of the finals and of every preview."""
-    batch = rollout(policy, prompts, group_size, sigmas, noise_level=noise_level,
+    batch = rollout(policy, prompts, group_size, sampler,
                     seeds=sample_seeds(seed, 10_000, len(prompts) * group_size), record_previews=True)
     final = score(policy.decode(batch.final), batch.prompts)
     previews = np.stack([score(policy.decode(batch.previews[:, i]), batch.prompts)
@@ -80,18 +80,19 @@ def fidelity(records: list[GroupRecord]) -> dict:
 
 
 def what_if(record: GroupRecord, schedule: Sequence[tuple[int, int]], select: Select, group_size: int | None = None) -> np.ndarray:
-    """Indices of the survivors of ``schedule`` (pruning at step s uses step s-1's preview)."""
+    """Indices of the survivors of ``schedule`` (pruning at step s decides on the previews of x_s)."""
     live = np.arange(group_size or len(record.final))
     for step, keep in schedule:
-        live = live[select(record.previews[step - 1, live], keep)]
+        live = live[select(record.previews[step, live], keep)]
     return live
 
 
 def nfe(group_size: int, schedule: Sequence[tuple[int, int]], num_steps: int) -> int:
+    """Model calls per group: every live trajectory calls at each step; pruning at s follows s's call."""
     keeps, live, total = dict(schedule), group_size, 0
     for i in range(num_steps):
-        live = keeps.get(i, live)
         total += live
+        live = keeps.get(i, live)
     return total
 
 

@@ -74,21 +74,33 @@ def connected(config: cfg.Config):
     from epgrpo.trainer.policy.base import create_policy
 
     cfg.check_paths(config)  # before minutes of model loading
+    if not config.progress:  # the libraries' own loading bars too
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     dist = Distributed(config.model.device)  # under `accelerate launch`: this rank and its device
     device = str(dist.device) if dist.world_size > 1 else resolve_device(config.model.device)
+    options = {k: v for k, v in cfg.to_dict(config)["model"].items()
+               if k not in ("name", "device", "preview_vae")}
+    policy = create_policy(config.model.name, **options, guidance_scale=config.sampling.guidance_scale,
+                           device=device, progress=config.progress and dist.is_main)
     with contextlib.ExitStack() as stack:
         if config.launch_services:
             addresses = ""
             if dist.is_main:  # one local stack shared by all ranks
                 names = {n for spec in (config.reward.rewards, config.prune.proxy_rewards, config.reward.judge)
                          for n, _ in cfg.parse_rewards(spec, "reward")}
+                # the pruner decodes this model's previews with the model's own VAE, under the name the trainer sends
+                vae = config.model.preview_vae or policy.preview_decoder_source(Path(config.out_dir) / "services")
+                decoder = config.model.preview_decoder or policy.preview_decoder
                 print("starting local reward and pruner services ...", file=sys.stderr)
-                services = stack.enter_context(LocalStack(sorted(names), Path(config.out_dir) / "services", device="cpu"))
+                services = stack.enter_context(LocalStack(sorted(names), Path(config.out_dir) / "services", device="cpu",
+                                                          decoders={decoder: vae} if vae else None,
+                                                          decoder_device=device))
                 addresses = f"{services.reward.address}|{services.pruner.address}"
             config.reward.address, config.pruner.address = dist.broadcast_text(addresses).split("|")
-        options = {k: v for k, v in cfg.to_dict(config)["model"].items() if k not in ("name", "device")}
-        policy = create_policy(config.model.name, **options, guidance_scale=config.sampling.guidance_scale,
-                               device=device, progress=config.progress and dist.is_main)
         client = RewardClient
         if config.reward.address.startswith("oip://"):  # any Open Inference Protocol server
             from epgrpo.trainer.oip_reward import OipRewardClient as client  # imported only when used
@@ -117,14 +129,17 @@ def run_analysis(config: cfg.Config, groups: int, group_size: int, keep: int):
     from pathlib import Path
 
     from epgrpo.trainer.analysis import analyze, collect
-    from epgrpo.trainer.loop import DIGIT_PROMPTS
-    from epgrpo.trainer.sde import sigma_grid
+    from epgrpo.trainer.loop import DIGIT_PROMPTS, load_prompts
 
     rewards = cfg.parse_rewards(config.reward.rewards, "reward.rewards")
+    # the prompts the run trains on (train.prompt_file), else the evaluation prompts, else the digits
+    source = config.train.prompt_file or config.eval.prompt_file
+    pool = load_prompts(source, "train.prompt_file" if config.train.prompt_file else "eval.prompt_file") \
+        if source else DIGIT_PROMPTS
+    prompts = [pool[i % len(pool)] for i in range(groups)]
     with connected(config) as (policy, reward, pruner):
         reward.require([n for n, _ in rewards], "reward.rewards")
-        prompts = [DIGIT_PROMPTS[i % len(DIGIT_PROMPTS)] for i in range(groups)]
-        sigmas = sigma_grid(config.sampling.num_steps, config.sampling.shift).to(policy.device)
+        sampler = policy.make_sampler(config.sampling.num_steps, cfg.sampler_options(config))
 
         def score(images, prompts_):
             return reward.score(images, prompts_, rewards, request_id="analysis")[0]
@@ -133,7 +148,7 @@ def run_analysis(config: cfg.Config, groups: int, group_size: int, keep: int):
             ids = list(range(len(scores)))
             return sorted(pruner.select_by_scores("analysis", ids, scores, k))
 
-        records = collect(policy, score, prompts, group_size, sigmas, config.sampling.noise_level, config.train.seed)
+        records = collect(policy, score, prompts, group_size, sampler, config.train.seed)
         analyze(records, select, keep, config.sampling.num_steps, Path(config.out_dir))
     return Path(config.out_dir) / "analysis.json"
 
@@ -162,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epgrpo: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from epgrpo.trainer.clients import ServicesUnavailable
+        from epgrpo.trainer.clients import ServiceCallError, ServicesUnavailable
 
+        if isinstance(e, ServiceCallError) and not e.retryable:  # a service rejected what the config asked for
+            print(f"epgrpo: error: {e}", file=sys.stderr)
+            return 2
         if not isinstance(e, ServicesUnavailable):
             raise
         saved = (f"; saved a checkpoint of the completed iterations to {e.checkpoint} (continue with "

@@ -191,6 +191,28 @@ class PrunerClient:
         )
         return PrunerStream(self.stub, message, self.deadline_s)
 
+    def list_decoders(self) -> dict[str, str] | None:
+        """The pruner's preview decoders by name; None for a pruner that predates ListDecoders."""
+        def attempt(limit):
+            try:
+                return self.stub.ListDecoders(pruner_pb2.ListDecodersRequest(), timeout=_deadline(30.0, limit))
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return None
+                raise ServiceCallError("pruner", "ListDecoders", e) from e
+
+        response = self.retry.call(attempt, f"pruner service ({self.address}) ListDecoders")
+        return None if response is None else {d.name: d.description for d in response.decoders}
+
+    def require_decoder(self, name: str, field: str = "model.preview_decoder") -> None:
+        """Fails fast, before any sampling, when the pruner cannot decode this model's previews."""
+        served = self.list_decoders()
+        if served is None or name in served:
+            return
+        raise ValueError(f"{field}: the pruner at {self.address} has no preview decoder {name!r}; it has: "
+                         f"{', '.join(sorted(served))}; start it with --vae {name}=DIR (the model's VAE, or a "
+                         f"pipeline directory with vae/), or set {field} to one it has")
+
     def select_by_scores(self, group_id: str, trajectory_ids: Sequence[int], scores: np.ndarray, keep: int,
                          strategy: str = "ovf", seed: int = 0, use_budget: bool = True) -> list[int]:
         """One stateless decision on precomputed scores (used for OVF after full sampling).

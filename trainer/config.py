@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 MODES = ("grpo", "full_ovf", "expand_prune", "random_prune")
+EVAL_SAMPLERS = ("auto", "deterministic", "stochastic")
 
 
 def opt(default, help: str):
@@ -26,37 +27,51 @@ def opt(default, help: str):
 
 @dataclass
 class ModelConfig:
-    name: str = opt("toy_digits", "policy adapter: toy_digits | sd3 | package.module:name (a plugin module that "
-                    "registers its adapter with epgrpo.trainer.policy.base.register_policy)")
+    name: str = opt("toy_digits", "policy adapter: toy_digits (flow) | toy_digits_ddpm (diffusion, DDIM) | sd3 | "
+                    "sd (SD 1.x/2.x, DDIM) | flux | package.module:name (a plugin module that registers its adapter "
+                    "with epgrpo.trainer.policy.base.register_policy)")
     path: str = opt("", "model directory or hub id (sd3: a StableDiffusion3Pipeline, e.g. "
-                    "stabilityai/stable-diffusion-3.5-medium); toy: empty = the cached base model (pretrained on first use)")
-    pretrain_steps: int = opt(120, "toy model: rectified-flow pretraining steps for the base model (cached by recipe)")
+                    "stabilityai/stable-diffusion-3.5-medium; sd: a StableDiffusionPipeline, e.g. "
+                    "CompVis/stable-diffusion-v1-4; flux: a FluxPipeline, e.g. black-forest-labs/FLUX.1-dev); "
+                    "toys: empty = the cached base model (pretrained on first use)")
+    pretrain_steps: int = opt(0, "toy models: pretraining steps of the base model (cached by recipe); 0 = the "
+                              "model's default (toy_digits 120, toy_digits_ddpm 200)")
     lora_rank: int = opt(0, "LoRA rank (peft); 0 = full fine-tuning against a frozen reference copy")
     lora_alpha: float = opt(0.0, "LoRA alpha; 0 = 2 x rank")
     lora_targets: str = opt("", "comma-separated module-name suffixes LoRA adapts; empty = every attention projection "
-                            "(attn.to_q/k/v, attn.to_out.0, attn.add_q/k/v_proj, attn.to_add_out, as Flow-GRPO)")
+                            "(sd3, flux, toys: attn.to_q/k/v, attn.to_out.0, attn.add_q/k/v_proj, attn.to_add_out, as "
+                            "Flow-GRPO; sd: to_q, to_k, to_v, to_out.0 of the UNet, as DDPO)")
     device: str = opt("auto", "auto (cuda when present, else cpu), cpu or cuda[:i]; under accelerate launch each "
                       "rank uses its own GPU")
     dtype: str = opt("auto", "compute dtype: auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16; trainable "
                      "weights stay fp32 and SDE log-probs are computed in fp32")
-    resolution: int = opt(0, "sd3: image side in pixels; 0 = the model's default (1024 for SD3.5-M; Flow-GRPO trains at 512)")
-    max_sequence_length: int = opt(128, "sd3: T5 tokens per prompt")
+    resolution: int = opt(0, "sd3, sd, flux: image side in pixels; 0 = the model's default (1024 for SD3.5-M and "
+                          "FLUX.1, 512 for SD 1.4; Flow-GRPO trains at 512)")
+    max_sequence_length: int = opt(128, "sd3, flux: T5 tokens per prompt")
+    true_cfg_scale: float = opt(1.0, "flux: true classifier-free guidance with an empty negative prompt (> 1 runs both "
+                                "branches: 2 NFE per sample); sampling.guidance_scale is FLUX's distilled guidance "
+                                "embedding (guidance-distilled checkpoints such as FLUX.1-dev)")
     text_encoder_3: bool = opt(True, "sd3: load the T5 text encoder (false: zeros in its place, saves ~9 GiB)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, slower)")
     preview_decoder: str = opt("", "name of the pruner's decoder for x0-previews; empty = the adapter's default "
-                               "(toy: pixel, sd3: vae, i.e. the pruner started with --vae DIR)")
+                               "(toys: pixel; sd3, sd, flux: vae, i.e. a pruner started with --vae DIR)")
+    preview_vae: str = opt("", "with launch_services: the VAE directory the launched pruner decodes previews with; "
+                           "empty = the model's own VAE (model.path's vae/)")
 
 
 @dataclass
 class SamplingConfig:
     num_steps: int = opt(10, "denoising steps per rollout")
     shift: float = opt(1.0, "time shift of the sigma grid (SD3 uses 3.0)")
-    noise_level: float = opt(0.7, "SDE noise level a (Flow-GRPO default 0.7)")
+    noise_level: float = opt(0.7, "flow models: SDE noise level a (Flow-GRPO default 0.7)")
+    eta: float = opt(1.0, "diffusion models (sd, toy_digits_ddpm): DDIM eta of the stochastic rollout steps "
+                     "(DDPO: 1.0); evaluation samples with eta = 0")
     sde_last_step: bool = opt(False, "stochastic last step; default deterministic (ODE) and excluded from the loss")
     batch_size: int = opt(0, "trajectories per transformer call when sampling (rollouts and evaluation; x2 with "
                           "guidance); 0 = all of a rank's live trajectories at once")
-    guidance_scale: float = opt(1.0, "classifier-free guidance scale (sd3; > 1 runs both branches: 2 NFE per sample; "
-                                "Flow-GRPO uses 4.5); the toy model has no guidance")
+    guidance_scale: float = opt(1.0, "classifier-free guidance scale (sd3, sd; > 1 runs both branches: 2 NFE per "
+                                "sample; Flow-GRPO uses 4.5, DDPO 5.0); flux: the distilled guidance embedding "
+                                "(FLUX.1-dev: 3.5; 1 NFE, see model.true_cfg_scale); the toy models have no guidance")
     sde_window_size: int = opt(0, "Flow-GRPO-Fast: only this many consecutive steps are stochastic (and trained), at a "
                                "random position per iteration; 0 = every step but the last")
     sde_window_range: list = opt([], "[lo, hi]: the SDE window lies within steps lo..hi-1; empty = [0, num_steps // 2]")
@@ -66,8 +81,10 @@ class SamplingConfig:
 class PruneConfig:
     mode: str = opt("expand_prune", "grpo | full_ovf (sample all, OVF on final rewards) | expand_prune | random_prune")
     group_size: int = opt(16, "trajectories per prompt at the start (G for grpo, G_max otherwise)")
-    steps: list = opt([6, 8], "checkpoint steps: only the survivors take steps >= each one (the toy default "
-                      "prunes late: its x0-previews rank trajectories well from step 6 on; see README Evidence)")
+    steps: list = opt([5, 7], "pruning steps: at step s the pruner decides on the x0-previews of x_s (from the "
+                      "model call step s makes anyway) and only the survivors take step s and later ones; a pruned "
+                      "trajectory costs s + 1 calls (the toy default prunes late: its previews rank trajectories "
+                      "well from x_5 on; see README Evidence)")
     keeps: list = opt([8, 4], "survivors per group after each checkpoint (strictly decreasing)")
     proxy_rewards: str = opt("", "rewards scoring the x0-previews, 'name:weight,...'; empty = the training rewards")
     seed: int = opt(0, "seed of the random strategy")
@@ -88,6 +105,9 @@ class TrainConfig:
     train_batch_size: int = opt(64, "trajectories per forward pass when computing the loss (per rank)")
     gradient_accumulation: int = opt(0, "micro-batches of train_batch_size per optimizer step; 0 = one optimizer "
                                      "step per inner epoch over all of the iteration's samples")
+    optimizer_steps: int = opt(0, "optimizer steps per inner epoch, each over an equal share of the iteration's "
+                               "micro-batches (Flow-GRPO: 2, so the clipped ratio acts on the second); 0 = as "
+                               "gradient_accumulation says")
     timestep_fraction: float = opt(1.0, "fraction of the SDE steps trained on, drawn per iteration (Flow-GRPO)")
     stat_buffer: int = opt(0, "per-prompt advantage statistics: 0 = this iteration's survivors of each prompt "
                            "(Flow-GRPO); N = the prompt's last N rewards across iterations (DDPO)")
@@ -141,11 +161,16 @@ class PrunerConfig:
 @dataclass
 class EvalConfig:
     every: int = opt(5, "evaluate every N iterations (and before the first and after the last)")
-    samples_per_prompt: int = opt(8, "ODE samples per digit prompt, fixed seeds")
+    samples_per_prompt: int = opt(8, "samples per evaluation prompt, fixed seeds")
     seed: int = opt(1234, "seed of the evaluation noise")
     prompt_file: str = opt("", "evaluation prompts, one per line; empty = the training prompts")
     max_prompts: int = opt(10, "evaluate on the first N evaluation prompts")
-    num_steps: int = opt(0, "ODE steps of evaluation sampling; 0 = sampling.num_steps")
+    num_steps: int = opt(0, "steps of evaluation sampling; 0 = sampling.num_steps")
+    sampler: str = opt("auto", "auto | deterministic | stochastic: deterministic = the probability-flow ODE / DDIM "
+                       "with eta = 0; stochastic = the trained policy's own sampler (flow SDE / DDIM with "
+                       "sampling.eta) with per-sample seeded noise, as DDPO reports; auto = deterministic for flow "
+                       "models, stochastic for diffusion models (a DDIM policy trained at eta = 1 is not the "
+                       "eta = 0 sampler)")
 
 
 @dataclass
@@ -257,6 +282,14 @@ def parse_rewards(spec: str, field_name: str) -> list[tuple[str, float]]:
     return out
 
 
+def sampler_options(config: Config):
+    """The sampling options every sampler reads what it needs from."""
+    from epgrpo.trainer.samplers import SamplerOptions
+
+    s = config.sampling
+    return SamplerOptions(shift=s.shift, noise_level=s.noise_level, eta=s.eta)
+
+
 def schedule(config: Config) -> list[tuple[int, int]]:
     """The pruning checkpoints [(step, keep)] the mode uses (empty without in-rollout pruning)."""
     if config.prune.mode in ("expand_prune", "random_prune"):
@@ -276,11 +309,13 @@ def validate(c: Config) -> None:
             raise ValueError(f"{key}: expected {expectation}, got {value!r}")
 
     need(c.prune.mode in MODES, "prune.mode", " | ".join(MODES), c.prune.mode)
+    need(c.eval.sampler in EVAL_SAMPLERS, "eval.sampler", " | ".join(EVAL_SAMPLERS), c.eval.sampler)
     need(c.pruner.on_unavailable in ("retry", "no_prune"), "pruner.on_unavailable", "retry | no_prune",
          c.pruner.on_unavailable)
     need(c.sampling.num_steps >= 2, "sampling.num_steps", ">= 2", c.sampling.num_steps)
     need(c.sampling.shift > 0, "sampling.shift", "> 0", c.sampling.shift)
     need(0 < c.sampling.noise_level <= 2, "sampling.noise_level", "in (0, 2]", c.sampling.noise_level)
+    need(0 < c.sampling.eta <= 2, "sampling.eta", "in (0, 2] (the rollout steps must be stochastic)", c.sampling.eta)
     need(c.prune.group_size >= 2, "prune.group_size", ">= 2", c.prune.group_size)
     if c.prune.mode != "grpo":
         need(len(c.prune.keeps) >= 1, "prune.keeps", "at least one value", c.prune.keeps)
@@ -345,11 +380,14 @@ def validate_policy_options(c: Config, need) -> None:
              f"0 <= lo, hi <= num_steps={c.sampling.num_steps}, hi - lo >= sde_window_size={size}", [lo, hi])
     t = c.train
     need(0 < t.timestep_fraction <= 1, "train.timestep_fraction", "in (0, 1]", t.timestep_fraction)
-    for key, value in [("train.gradient_accumulation", t.gradient_accumulation), ("train.stat_buffer", t.stat_buffer),
+    for key, value in [("train.gradient_accumulation", t.gradient_accumulation),
+                       ("train.optimizer_steps", t.optimizer_steps), ("train.stat_buffer", t.stat_buffer),
                        ("train.stat_min_count", t.stat_min_count), ("train.lr_warmup_iterations", t.lr_warmup_iterations),
                        ("train.checkpoint_every", t.checkpoint_every), ("train.checkpoint_keep", t.checkpoint_keep),
                        ("eval.num_steps", c.eval.num_steps), ("sampling.batch_size", c.sampling.batch_size)]:
         need(value >= 0, key, ">= 0", value)
+    need(not (t.optimizer_steps and t.gradient_accumulation), "train.optimizer_steps",
+         "0 when train.gradient_accumulation is set (both choose the accumulation)", t.optimizer_steps)
     need(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", " | ".join(LR_SCHEDULES), t.lr_schedule)
     need(not (t.lr_warmup_iterations and t.lr_schedule == "constant"), "train.lr_schedule",
          "a schedule with warm-up (constant_with_warmup, linear, cosine) when lr_warmup_iterations > 0", t.lr_schedule)
@@ -362,9 +400,10 @@ def check_paths(c: Config) -> None:
     """Files the run will read; checked before any model is loaded (kept out of ``validate`` so
     that a config written for another machine still loads and prints)."""
     for key, path in [("train.prompt_file", c.train.prompt_file), ("eval.prompt_file", c.eval.prompt_file),
-                      ("train.resume_from", "" if c.train.resume_from in ("", "latest") else c.train.resume_from)]:
+                      ("train.resume_from", "" if c.train.resume_from in ("", "latest") else c.train.resume_from),
+                      ("model.preview_vae", c.model.preview_vae)]:
         if path and not Path(path).exists():
-            raise ValueError(f"{key}: expected an existing {'directory' if 'resume' in key else 'file'}, got {path!r}")
+            raise ValueError(f"{key}: expected an existing {'directory' if key in ('train.resume_from', 'model.preview_vae') else 'file'}, got {path!r}")
 
 
 def to_dict(config: Config) -> dict:

@@ -28,8 +28,7 @@ from epgrpo.trainer.optimize import policy_update, trained_steps
 from epgrpo.trainer.policy.base import PolicyAdapter
 from epgrpo.trainer.pruning import FallbackPruneSession, select_or_keep_all
 from epgrpo.trainer.report import MetricsWriter, plot_curves, save_grid
-from epgrpo.trainer.rollout import RolloutResult, rollout, sample_ode, sample_seeds, sde_window, train_step_subset
-from epgrpo.trainer.sde import sigma_grid
+from epgrpo.trainer.rollout import RolloutResult, rollout, sample_eval, sample_seeds, sde_window, train_step_subset
 
 log = logging.getLogger("epgrpo.trainer")
 
@@ -62,10 +61,12 @@ class Trainer:
         self.judge = cfg.parse_rewards(config.reward.judge, "reward.judge")
         self.schedule = cfg.schedule(config)
         self.keep = cfg.final_keep(config)
-        self.sigmas = sigma_grid(config.sampling.num_steps, config.sampling.shift).to(policy.device)
+        self.sampler = policy.make_sampler(config.sampling.num_steps, cfg.sampler_options(config))
         self.out = Path(config.out_dir)
-        self.eval_sigmas = sigma_grid(config.eval.num_steps or config.sampling.num_steps, config.sampling.shift)
-        self.eval_sigmas = self.eval_sigmas.to(policy.device)
+        self.eval_sampler = policy.make_sampler(config.eval.num_steps or config.sampling.num_steps,
+                                                cfg.sampler_options(config))
+        self.stochastic_eval = {"auto": self.eval_sampler.stochastic_eval, "deterministic": False,
+                                "stochastic": True}[config.eval.sampler]
         t = config.train
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.lr_scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.lr_warmup_iterations,
@@ -94,16 +95,22 @@ class Trainer:
         self.reward.require([n for n, _ in self.proxy_rewards], "prune.proxy_rewards")
         if self.judge:
             self.reward.require([n for n, _ in self.judge], "reward.judge")
+        if self.schedule:
+            self.pruner.require_decoder(self.preview_decoder)
+
+    @property
+    def preview_decoder(self) -> str:
+        return self.c.model.preview_decoder or self.policy.preview_decoder
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, iteration: int) -> tuple[dict, np.ndarray]:
-        """ODE samples of the evaluation prompts with fixed seeds (with the EMA weights, if kept)."""
+        """Samples of the evaluation prompts with fixed seeds (with the EMA weights, if kept)."""
         n = self.c.eval.samples_per_prompt
         prompts = [p for p in self.eval_prompts for _ in range(n)]
         seeds = [self.c.eval.seed * 100_003 + k for k in range(len(prompts))]  # fixed across evaluations
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
-            images = self.policy.decode(sample_ode(self.policy, prompts, seeds, self.eval_sigmas,
-                                                   self.c.sampling.batch_size))
+            images = self.policy.decode(sample_eval(self.policy, prompts, seeds, self.eval_sampler,
+                                                    self.stochastic_eval, self.c.sampling.batch_size))
         reward, _ = self.reward.score(images, prompts, self.rewards, request_id=f"eval-{iteration}")
         record = {"iteration": iteration, "reward": float(reward.mean())}
         if self.judge:
@@ -129,18 +136,18 @@ class Trainer:
         size = c.prune.group_size
         seeds = sample_seeds(c.train.seed, iteration, self.prompts_per_iteration * size)
         seeds = seeds[first_group * size:(first_group + len(prompts)) * size]
-        kwargs = dict(noise_level=c.sampling.noise_level, seeds=seeds, sde_last_step=c.sampling.sde_last_step,
+        kwargs = dict(seeds=seeds, sde_last_step=c.sampling.sde_last_step,
                       group_ids=group_ids, sde_steps=self.sde_steps(iteration), batch_size=c.sampling.batch_size)
         if not self.schedule:
-            return rollout(self.policy, prompts, c.prune.group_size, self.sigmas, **kwargs)
+            return rollout(self.policy, prompts, c.prune.group_size, self.sampler, **kwargs)
         strategy = "random" if c.prune.mode == "random_prune" else "ovf"
         rollout_id = f"it{iteration}-r{self.dist.rank}"
         with self.pruner.open(self.schedule, c.sampling.num_steps, self.proxy_rewards, strategy,
                               seed=c.prune.seed * 1_000_003 + iteration,
-                              decoder=c.model.preview_decoder or self.policy.preview_decoder,
+                              decoder=self.preview_decoder,
                               rollout_id=rollout_id) as stream:
             session = FallbackPruneSession(stream, rollout_id) if c.pruner.on_unavailable == "no_prune" else stream
-            batch = rollout(self.policy, prompts, c.prune.group_size, self.sigmas, schedule=self.schedule,
+            batch = rollout(self.policy, prompts, c.prune.group_size, self.sampler, schedule=self.schedule,
                             pruner=session, **kwargs)
             self.fallback_groups = len(getattr(session, "fallback_groups", ()))
             return batch
@@ -203,11 +210,12 @@ class Trainer:
             mine = slice(dist.rank * len(rewards), (dist.rank + 1) * len(rewards))
             train_steps = train_step_subset(trained_steps(batch), c.train.timestep_fraction, c.train.seed, iteration)
             train_start = time.perf_counter()
-            stats = policy_update(self.policy, self.optimizer, batch, advantages[mine], self.sigmas,
-                                  noise_level=c.sampling.noise_level, clip_range=c.train.clip_range, beta=c.train.beta,
+            stats = policy_update(self.policy, self.optimizer, batch, advantages[mine], self.sampler,
+                                  clip_range=c.train.clip_range, beta=c.train.beta,
                                   inner_epochs=c.train.inner_epochs, max_grad_norm=c.train.max_grad_norm,
                                   train_batch_size=c.train.train_batch_size,
-                                  gradient_accumulation=c.train.gradient_accumulation, train_steps=train_steps,
+                                  gradient_accumulation=c.train.gradient_accumulation,
+                                  optimizer_steps=c.train.optimizer_steps, train_steps=train_steps,
                                   sync_gradients=dist.all_reduce_mean_,
                                   after_step=self.ema.step if self.ema is not None else None)
             last = asdict(stats[-1])

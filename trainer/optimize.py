@@ -11,7 +11,7 @@ import torch
 from epgrpo.trainer.grpo import clipped_policy_loss
 from epgrpo.trainer.policy.base import PolicyAdapter, select
 from epgrpo.trainer.rollout import RolloutResult
-from epgrpo.trainer.sde import gaussian_kl, sde_step
+from epgrpo.trainer.samplers import Sampler
 
 
 @dataclass
@@ -29,7 +29,7 @@ class UpdateStats:
 
 
 def trained_steps(batch: RolloutResult) -> list[int]:
-    """The SDE steps (ODE steps have no log-prob and are not trained on)."""
+    """The stochastic steps (deterministic steps have no log-prob and are not trained on)."""
     return [i for i in range(batch.log_probs.shape[1]) if torch.isfinite(batch.log_probs[:, i]).all()]
 
 
@@ -42,15 +42,15 @@ def policy_update(
     optimizer: torch.optim.Optimizer,
     batch: RolloutResult,
     advantages: torch.Tensor,
-    sigmas: torch.Tensor,
+    sampler: Sampler,
     *,
-    noise_level: float,
     clip_range: float,
     beta: float,
     inner_epochs: int,
     max_grad_norm: float,
     train_batch_size: int,
     gradient_accumulation: int = 0,
+    optimizer_steps: int = 0,
     train_steps: Sequence[int] | None = None,
     sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None,
     after_step: Callable[[], None] | None = None,
@@ -59,7 +59,8 @@ def policy_update(
 
     Trajectories go through the network in micro-batches of ``train_batch_size`` (all trained
     steps of a micro-batch are accumulated); an optimizer step follows every
-    ``gradient_accumulation`` micro-batches (0 = one step per inner epoch over everything). Each
+    ``gradient_accumulation`` micro-batches (0 = one step per inner epoch over everything), or
+    ``optimizer_steps`` times per inner epoch over equal shares of the micro-batches. Each
     step's gradient is the mean over its (trajectory, step) terms; ``sync_gradients`` averages
     it across data-parallel ranks before clipping, ``after_step`` runs after each optimizer step
     (EMA). ``train_steps`` restricts training to a subset of the SDE steps (timestep fraction).
@@ -76,16 +77,18 @@ def policy_update(
     cond = policy.encode_prompts(batch.prompts)
     count = len(batch.prompts)
     chunks = _chunks(count, train_batch_size, policy.device)
-    per_step = len(chunks) if gradient_accumulation <= 0 else min(gradient_accumulation, len(chunks))
+    if optimizer_steps > 0:  # Flow-GRPO's cadence: accumulate over 1/optimizer_steps of the micro-batches
+        per_step = math.ceil(len(chunks) / min(optimizer_steps, len(chunks)))
+    else:
+        per_step = len(chunks) if gradient_accumulation <= 0 else min(gradient_accumulation, len(chunks))
     step_groups = [list(range(s, min(s + per_step, len(chunks)))) for s in range(0, len(chunks), per_step)]
-    sigma_guard = float(sigmas[1])
     advantages = advantages.to(policy.device)
     params = policy.trainable_parameters()
 
     def forward(i: int, rows: torch.Tensor):
         x, x_next = batch.latents[rows, i], batch.latents[rows, i + 1]
-        v = policy.velocity(x, sigmas[i], select(cond, rows))
-        return x, x_next, sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_guard, sample=x_next)
+        out = policy.predict(x, sampler.timestep(i), select(cond, rows))
+        return x, x_next, sampler.step(x, out, i, sample=x_next)
 
     old_log_probs: dict[tuple[int, int], torch.Tensor] = {}
     drift = 0.0
@@ -114,10 +117,8 @@ def policy_update(
                     kl = None
                     if beta > 0:
                         with torch.no_grad(), policy.reference():
-                            v_ref = policy.velocity(x, sigmas[i], select(cond, rows))
-                        mean_ref = sde_step(x, v_ref, sigmas[i], sigmas[i + 1], noise_level, sigma_guard,
-                                            sample=x_next).mean
-                        kl = gaussian_kl(step.mean, mean_ref, step.std)
+                            out_ref = policy.predict(x, sampler.timestep(i), select(cond, rows))
+                        kl = sampler.kl(step.mean, sampler.step(x, out_ref, i, sample=x_next).mean, step.std)
                     terms = clipped_policy_loss(step.log_prob, old_log_probs[i, c], advantages[rows], clip_range,
                                                 kl, beta)
                     (terms.loss * (len(rows) / group_count / len(steps))).backward()

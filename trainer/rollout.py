@@ -1,9 +1,11 @@
-"""Expand-and-Prune rollouts: sample groups of trajectories with the SDE policy, stopping the
-trajectories the pruner drops at the scheduled checkpoint steps.
+"""Expand-and-Prune rollouts: sample groups of trajectories with the policy's sampler, stopping
+the trajectories the pruner drops at the scheduled checkpoint steps.
 
-Pruning "at step s" means only the survivors take steps s, s+1, ...; the decision uses the
-x0-preview from step s-1's velocity, which the SDE step computed anyway, so previews cost zero
-extra transformer calls. NFE per group = sum over steps of the live trajectories.
+**Pruning at step s** decides on the x0-previews of x_s (the latents after s denoising steps),
+computed from the model call that step s makes at x_s anyway; only the survivors then take step
+s (x_s -> x_{s+1}) and the steps after it. A pruned trajectory has cost s + 1 model calls, the
+preview included: nothing is computed twice and nothing extra is computed. NFE per group = the
+sum over steps of the trajectories that made that step's call (x2 with classifier-free guidance).
 Every trajectory draws its noise from its own generator, so a trajectory's path does not depend
 on which others are in the batch (pruned or not), on the batch size, or on the rank.
 """
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from epgrpo.trainer.policy.base import PolicyAdapter, select
-from epgrpo.trainer.sde import ode_step, sde_step, x0_preview
+from epgrpo.trainer.samplers import Sampler
 
 
 @dataclass
@@ -45,7 +47,7 @@ class RolloutResult:
     nfe: int  # transformer calls actually made
     nfe_full: int  # what the same groups would cost without pruning
     survivors_per_step: list[int] = field(default_factory=list)
-    previews: torch.Tensor | None = None  # [K, S, C, H, W] x0-previews, when recorded
+    previews: torch.Tensor | None = None  # [K, S, C, H, W] x0-previews (row i: at x_i), when recorded
 
     @property
     def final(self) -> torch.Tensor:
@@ -96,9 +98,8 @@ def rollout(
     policy: PolicyAdapter,
     prompts: Sequence[str],
     group_size: int,
-    sigmas: torch.Tensor,
+    sampler: Sampler,
     *,
-    noise_level: float,
     seeds: Sequence[int],
     schedule: Sequence[tuple[int, int]] = (),
     pruner: PruneSession | None = None,
@@ -108,14 +109,15 @@ def rollout(
     sde_steps: Sequence[int] | None = None,
     batch_size: int = 0,
 ) -> RolloutResult:
-    """Samples ``group_size`` trajectories per prompt; prunes per ``schedule`` [(step, keep)].
+    """Samples ``group_size`` trajectories per prompt; prunes per ``schedule`` [(step, keep)]:
+    at step s the pruner sees the previews of x_s and ``keep`` trajectories per group go on.
 
     ``record_previews`` keeps every step's x0-preview (for analysis: proxy fidelity, what-if pruning).
     ``sde_steps``: the stochastic (trainable) steps, the others are deterministic ODE steps
     (Flow-GRPO-Fast's SDE window); default every step but the last (all with ``sde_last_step``).
     ``batch_size``: trajectories per transformer call (0 = every live one at once); bounds memory.
     """
-    num_steps = len(sigmas) - 1
+    num_steps = sampler.num_steps
     total = len(prompts) * group_size
     if len(seeds) != total:
         raise ValueError(f"seeds: expected {total} (one per trajectory), got {len(seeds)}")
@@ -141,32 +143,29 @@ def rollout(
         sde_steps = range(num_steps if sde_last_step else num_steps - 1)
     stochastic = set(sde_steps)
     nfe, survivors_per_step = 0, []
-    preview = None
-    sigma_guard = float(sigmas[1])
     with torch.no_grad():
         for i in range(num_steps):
-            if i in checkpoints:
+            survivors_per_step.append(len(live))
+            out = batched_predict(policy, x, sampler.timestep(i), select(cond_all, live), batch_size)
+            nfe += len(live) * policy.nfe_per_sample
+            preview = sampler.x0(x, out, i)
+            if previews is not None:
+                previews[live, i] = preview
+            if i in checkpoints:  # decide on the previews of x_i; the survivors take step i
                 groups = [
                     GroupState(group_ids[g], live[group_of[live] == g].tolist(), preview[group_of[live] == g], prompts[g])
                     for g in range(len(prompts))
                 ]
-                decisions = pruner.decide(i, float(sigmas[i]), groups)
+                decisions = pruner.decide(i, sampler.noise_std(i), groups)
                 keep = torch.tensor(sorted(t for g in groups for t in decisions[g.group_id]), device=device)
                 rows = torch.searchsorted(live, keep)
-                live, x = keep, x[rows]
-            survivors_per_step.append(len(live))
-            sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            v = batched_velocity(policy, x, sigma, select(cond_all, live), batch_size)
-            nfe += len(live) * policy.nfe_per_sample
-            preview = x0_preview(x, v, sigma)
-            if previews is not None:
-                previews[live, i] = preview
+                live, x, out = keep, x[rows], out[rows]
             if i in stochastic:
-                step = sde_step(x, v, sigma, sigma_next, noise_level, sigma_guard, noise=noise(live))
+                step = sampler.step(x, out, i, noise=noise(live))
                 x = step.sample
                 log_probs[live, i] = step.log_prob
             else:
-                x = ode_step(x, v, sigma, sigma_next)
+                x = sampler.deterministic_step(x, out, i)
             latents[live, i + 1] = x
     kept = live
     return RolloutResult(
@@ -182,21 +181,31 @@ def rollout(
     )
 
 
-def batched_velocity(policy: PolicyAdapter, x: torch.Tensor, sigma, cond, batch_size: int = 0) -> torch.Tensor:
-    """``policy.velocity`` in chunks of ``batch_size`` rows (0 = one call)."""
+def batched_predict(policy: PolicyAdapter, x: torch.Tensor, t, cond, batch_size: int = 0) -> torch.Tensor:
+    """``policy.predict`` in chunks of ``batch_size`` rows (0 = one call)."""
     if batch_size <= 0 or len(x) <= batch_size:
-        return policy.velocity(x, sigma, cond)
-    return torch.cat([policy.velocity(x[s:s + batch_size], sigma, {k: v[s:s + batch_size] for k, v in cond.items()})
+        return policy.predict(x, t, cond)
+    return torch.cat([policy.predict(x[s:s + batch_size], t, {k: v[s:s + batch_size] for k, v in cond.items()})
                       for s in range(0, len(x), batch_size)])
 
 
-def sample_ode(policy: PolicyAdapter, prompts: Sequence[str], seeds: Sequence[int], sigmas: torch.Tensor,
+def sample_ode(policy: PolicyAdapter, prompts: Sequence[str], seeds: Sequence[int], sampler: Sampler,
                batch_size: int = 0) -> torch.Tensor:
-    """Deterministic (probability-flow ODE) samples, one per prompt and seed: the evaluation sampler."""
+    """Deterministic samples (probability-flow ODE / DDIM with eta = 0), one per prompt and seed:
+    the evaluation sampler."""
     cond = policy.encode_prompts(list(prompts))
     x = torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     x = x.to(policy.device)
     with torch.no_grad():
-        for i in range(len(sigmas) - 1):
-            x = ode_step(x, batched_velocity(policy, x, sigmas[i], cond, batch_size), sigmas[i], sigmas[i + 1])
+        for i in range(sampler.num_steps):
+            x = sampler.deterministic_step(x, batched_predict(policy, x, sampler.timestep(i), cond, batch_size), i)
     return x
+
+
+def sample_eval(policy: PolicyAdapter, prompts: Sequence[str], seeds: Sequence[int], sampler: Sampler,
+                stochastic: bool, batch_size: int = 0) -> torch.Tensor:
+    """Evaluation samples, one per prompt and seed: deterministic (``sample_ode``) or the policy's own
+    stochastic sampler with each sample's noise drawn from its seed (reproducible across evaluations)."""
+    if not stochastic:
+        return sample_ode(policy, prompts, seeds, sampler, batch_size)
+    return rollout(policy, prompts, 1, sampler, seeds=seeds, batch_size=batch_size).final

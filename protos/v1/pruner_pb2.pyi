@@ -106,3 +106,21 @@ class PruneDecision(_message.Message):
     proxy_scores: _containers.RepeatedScalarFieldContainer[float]
     keep: int
     def __init__(self, group_id: _Optional[str] = ..., step: _Optional[int] = ..., survivor_ids: _Optional[_Iterable[int]] = ..., proxy_scores: _Optional[_Iterable[float]] = ..., keep: _Optional[int] = ...) -> None: ...
+
+class ListDecodersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DecoderInfo(_message.Message):
+    __slots__ = ("name", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class ListDecodersResponse(_message.Message):
+    __slots__ = ("decoders",)
+    DECODERS_FIELD_NUMBER: _ClassVar[int]
+    decoders: _containers.RepeatedCompositeFieldContainer[DecoderInfo]
+    def __init__(self, decoders: _Optional[_Iterable[_Union[DecoderInfo, _Mapping]]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class PrunerServiceStub:
                 request_serializer=epgrpo_dot_protos_dot_v1_dot_pruner__pb2.PruneRequest.SerializeToString,
                 response_deserializer=epgrpo_dot_protos_dot_v1_dot_pruner__pb2.PruneDecision.FromString,
                 _registered_method=True)
+        self.ListDecoders = channel.unary_unary(
+                '/epgrpo.v1.PrunerService/ListDecoders',
+                request_serializer=epgrpo_dot_protos_dot_v1_dot_pruner__pb2.ListDecodersRequest.SerializeToString,
+                response_deserializer=epgrpo_dot_protos_dot_v1_dot_pruner__pb2.ListDecodersResponse.FromString,
+                _registered_method=True)
 
 
 class PrunerServiceServicer:
@@ -65,6 +70,13 @@ class PrunerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDecoders(self, request, context):
+        """The preview decoders this pruner serves (a trainer checks its own before the first rollout).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrunerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +89,11 @@ def add_PrunerServiceServicer_to_server(servicer, server):
                     servicer.Prune,
                     request_deserializer=epgrpo_dot_protos_dot_v1_dot_pruner__pb2.PruneRequest.FromString,
                     response_serializer=epgrpo_dot_protos_dot_v1_dot_pruner__pb2.PruneDecision.SerializeToString,
+            ),
+            'ListDecoders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDecoders,
+                    request_deserializer=epgrpo_dot_protos_dot_v1_dot_pruner__pb2.ListDecodersRequest.FromString,
+                    response_serializer=epgrpo_dot_protos_dot_v1_dot_pruner__pb2.ListDecodersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +150,33 @@ class PrunerService:
             '/epgrpo.v1.PrunerService/Prune',
             epgrpo_dot_protos_dot_v1_dot_pruner__pb2.PruneRequest.SerializeToString,
             epgrpo_dot_protos_dot_v1_dot_pruner__pb2.PruneDecision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDecoders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epgrpo.v1.PrunerService/ListDecoders',
+            epgrpo_dot_protos_dot_v1_dot_pruner__pb2.ListDecodersRequest.SerializeToString,
+            epgrpo_dot_protos_dot_v1_dot_pruner__pb2.ListDecodersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,21 +27,29 @@ class Decoder(Protocol):
 
 
 _FACTORIES: dict[str, Callable[[], Decoder]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
 _INSTANCES: dict[str, Decoder] = {}
 _LOCK = threading.Lock()
 
 
-def register_decoder(name: str, factory: Callable[[], Decoder]) -> None:
+def register_decoder(name: str, factory: Callable[[], Decoder], description: str = "") -> None:
     """Makes ``factory()`` (called lazily, once) the decoder for ``name``."""
     if not name:
         raise ValueError("decoder name must be non-empty")
     with _LOCK:
         _FACTORIES[name] = factory
+        _DESCRIPTIONS[name] = description
         _INSTANCES.pop(name, None)
 
 
 def decoder_names() -> list[str]:
     return sorted(_FACTORIES)
+
+
+def decoder_descriptions() -> dict[str, str]:
+    """Every served decoder's name and what it does (ListDecoders)."""
+    with _LOCK:
+        return {name: _DESCRIPTIONS.get(name, "") for name in sorted(_FACTORIES)}
 
 
 def get_decoder(name: str, field: str = "decoder") -> Decoder:
@@ -70,7 +78,7 @@ def pixel_decode(previews: np.ndarray, field: str = "previews") -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
 
-register_decoder("pixel", lambda: pixel_decode)
+register_decoder("pixel", lambda: pixel_decode, "identity: pixel-space previews in [-1, 1]")
 
 
 class VaeDecoder:
@@ -134,4 +142,4 @@ def register_vae_decoder(name: str, path: str | Path, device: str = "auto", dtyp
     path = Path(path)
     if not ((path / "config.json").is_file() or (path / "vae" / "config.json").is_file()):
         raise ValueError(f"--vae {name}={path}: expected a diffusers VAE directory or a pipeline directory with vae/")
-    register_decoder(name, lambda: VaeDecoder(path, device, dtype))
+    register_decoder(name, lambda: VaeDecoder(path, device, dtype), f"diffusers AutoencoderKL from {path}")

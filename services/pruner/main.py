@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help="device of the VAE decoders: auto (cuda when present), cpu, cuda[:i] (default %(default)s)")
     decoders.add_argument("--vae-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                           help="VAE dtype; auto = bf16 on cuda, fp32 on cpu")
+    decoders.add_argument("--torch-threads", type=int, default=0,
+                          help="intra-op CPU threads for the VAE decoders (default 0: torch's choice); 1 avoids "
+                               "slowdowns when other processes share few cores")
     client = parser.add_argument_group("connection to the reward service")
     client.add_argument("--reward-tls-ca", default=env("EPGRPO_REWARD_TLS_CA", ""),
                         help="PEM CA of the reward server's certificate; turns TLS on ('system' = system roots; "
@@ -88,6 +91,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     config = server_config_from_args(args)  # security problems stop here, before any work
+    if args.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     try:
         security = ChannelSecurity(args.reward_tls_ca, args.reward_tls_cert, args.reward_tls_key,
                                    args.reward_tls_server_name,

@@ -18,7 +18,7 @@ from epgrpo.protos import codec
 from epgrpo.protos.v1 import pruner_pb2, pruner_pb2_grpc
 from epgrpo.services.common.errors import FailedPrecondition, InvalidArgument
 from epgrpo.services.common.server import map_errors
-from epgrpo.services.pruner.decode import Decoder, get_decoder
+from epgrpo.services.pruner.decode import Decoder, decoder_descriptions, get_decoder
 from epgrpo.services.pruner.proxy import ProxyScorer
 from epgrpo.services.pruner.session import RolloutSession, check_ids, check_scores, select_survivors, strategy_or_raise
 
@@ -148,3 +148,8 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
                                      checkpoint.group_id, checkpoint.step)
         log.debug("prune group %s step %d: %d -> %d", checkpoint.group_id, checkpoint.step, len(ids), request.keep)
         return self._decision(checkpoint, survivors, scores, request.keep)
+
+    @map_errors
+    async def ListDecoders(self, request, context):
+        return pruner_pb2.ListDecodersResponse(decoders=[
+            pruner_pb2.DecoderInfo(name=name, description=text) for name, text in decoder_descriptions().items()])

@@ -1,9 +1,9 @@
 """The model adapter interface the one training loop talks to, and the adapter registry.
 
-An adapter turns prompts into conditioning, gives the velocity at (x_t, sigma), decodes latents
-to uint8 images, names its trainable parameters and can act as the frozen reference policy.
-Adding a model (FLUX, Qwen-Image, ...) means one new adapter class registered here; the loop,
-the sampler and the GRPO code do not change. Adapters around a diffusers transformer get LoRA /
+An adapter turns prompts into conditioning, gives the network's output at (x_t, t), builds the
+sampler that fits its model (flow SDE or stochastic DDIM), decodes latents to uint8 images, names
+its trainable parameters and can act as the frozen reference policy. Adding a model means one new
+adapter class registered here; the loop, the samplers and the GRPO code do not change. Adapters around a diffusers transformer get LoRA /
 full fine-tuning, the reference policy and mixed precision from ``finetune.FineTunedPolicy``.
 """
 
@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from epgrpo.trainer.samplers import FlowSampler, Sampler, SamplerOptions
 
 Conditioning = dict[str, torch.Tensor]  # every tensor has the batch dimension first
 
@@ -40,8 +42,19 @@ class PolicyAdapter(ABC):
         """Conditioning for a batch of prompts (rows in prompt order)."""
 
     @abstractmethod
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Predicted velocity eps - x0 at noise level sigma ([B] or scalar); guidance included."""
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The network's output at (x, t), guidance included, in float32: the velocity eps - x0 at
+        sigma = t for flow models, epsilon (or v) at timestep t for diffusion models."""
+
+    def make_sampler(self, num_steps: int, options: SamplerOptions) -> Sampler:
+        """The sampler of this model family (default: the Flow-GRPO SDE on the shifted uniform grid)."""
+        return FlowSampler.uniform(num_steps, options.shift, options.noise_level).to(self.device)
+
+    def preview_decoder_source(self, scratch_dir: Path) -> str | None:
+        """The directory of the VAE the pruner needs to decode this model's x0-previews (served as
+        ``preview_decoder``), when the trainer launches the pruner itself; None for pixel models.
+        ``scratch_dir`` may receive a copy when the model did not come from a local directory."""
+        return None
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -53,7 +66,7 @@ class PolicyAdapter(ABC):
 
     @abstractmethod
     def reference(self) -> contextlib.AbstractContextManager:
-        """Context in which ``velocity`` is the frozen reference policy's."""
+        """Context in which ``predict`` is the frozen reference policy's."""
 
     def train(self, mode: bool = True) -> None:  # noqa: B027 - optional hook
         pass
@@ -76,9 +89,21 @@ class PolicyAdapter(ABC):
         return [path]
 
 
+def vae_directory(model_path: str, vae, scratch_dir: Path) -> str:
+    """A directory the pruner's ``--vae`` accepts for this VAE: the local pipeline directory when
+    the model came from one, else the loaded VAE saved once into ``scratch_dir`` (hub ids)."""
+    if (Path(model_path) / "vae" / "config.json").is_file():
+        return str(Path(model_path).resolve())
+    target = Path(scratch_dir) / "preview_vae"
+    if not (target / "config.json").is_file():
+        vae.save_pretrained(target)
+    return str(target.resolve())
+
+
 _REGISTRY: dict[str, Callable[..., PolicyAdapter]] = {}
 # Built-in adapters register on import; imported only when asked for (no pipeline code otherwise).
-_BUILTIN = {"toy_digits": "epgrpo.trainer.policy.toy", "sd3": "epgrpo.trainer.policy.sd3"}
+_BUILTIN = {"toy_digits": "epgrpo.trainer.policy.toy", "toy_digits_ddpm": "epgrpo.trainer.policy.toy_ddpm",
+            "sd3": "epgrpo.trainer.policy.sd3", "sd": "epgrpo.trainer.policy.sd", "flux": "epgrpo.trainer.policy.flux"}
 
 
 def register_policy(name: str):

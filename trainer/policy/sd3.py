@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from epgrpo.trainer.policy.base import Conditioning, register_policy
+from epgrpo.trainer.policy.base import Conditioning, register_policy, vae_directory
 from epgrpo.trainer.policy.finetune import FineTunedPolicy, resolve_dtype
 
 
@@ -77,7 +77,7 @@ class SD3Policy(FineTunedPolicy):
         self.setup_finetuning(pipe.transformer, device=device, dtype=torch_dtype, lora_rank=lora_rank,
                               lora_alpha=lora_alpha, lora_targets=lora_targets,
                               gradient_checkpointing=gradient_checkpointing)
-        self.pipe, self.vae = pipe, pipe.vae
+        self.pipe, self.vae, self.path = pipe, pipe.vae, path
         self.guidance_scale = float(guidance_scale)
         self.nfe_per_sample = 2 if self.guidance_scale > 1.0 else 1
         self.max_sequence_length = max_sequence_length
@@ -110,7 +110,7 @@ class SD3Policy(FineTunedPolicy):
             cond.update(negative_prompt_embeds=neg_embeds[rows], negative_pooled_projections=neg_pooled[rows])
         return cond
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         timestep = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(x.shape[0]) * 1000.0
         embeds, pooled = cond["prompt_embeds"], cond["pooled_projections"]
         if self.cfg:  # one batch [uncond, cond], as the pipeline does
@@ -125,6 +125,9 @@ class SD3Policy(FineTunedPolicy):
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         return vae_decode_to_uint8(self.vae, latents)
+
+    def preview_decoder_source(self, scratch_dir: Path) -> str:
+        return vae_directory(self.path, self.vae, scratch_dir)
 
     def export(self, out_dir: Path) -> list[Path]:
         """LoRA: ``lora/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out_dir / "lora")``;

@@ -109,19 +109,29 @@ def build_transformer(r: ToyRecipe) -> SD3Transformer2DModel:
     )
 
 
-def _predict(transformer, conditioner, x, sigma, digits):
+def _predict(transformer, conditioner, x, timestep, digits):
     cond = conditioner(digits)
     return transformer(
         hidden_states=x,
         encoder_hidden_states=cond["encoder_hidden_states"],
         pooled_projections=cond["pooled_projections"],
-        timestep=sigma * 1000.0,
+        timestep=timestep,
         return_dict=False,
     )[0]
 
 
-def pretrain(recipe: ToyRecipe, out_dir: Path, progress: bool = True) -> dict:
-    """Rectified-flow pretraining (logit-normal sigma) on the bundled digits; saves to ``out_dir``."""
+def flow_loss(transformer, conditioner, x0, digits, generator) -> torch.Tensor:
+    """Rectified flow: velocity eps - x0 at a logit-normal sigma."""
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = torch.sigmoid(torch.randn(len(x0), generator=generator))
+    s = sigma.view(-1, 1, 1, 1)
+    v = _predict(transformer, conditioner, (1 - s) * x0 + s * noise, sigma * 1000.0, digits)
+    return F.mse_loss(v, noise - x0)
+
+
+def pretrain(recipe: ToyRecipe, out_dir: Path, progress: bool = True, loss_fn=flow_loss,
+             what: str = "toy flow model") -> dict:
+    """Pretraining on the bundled digits with ``loss_fn`` (default rectified flow); saves to ``out_dir``."""
     torch.manual_seed(recipe.seed)
     images, labels = digit_images(recipe.image_size)
     transformer = build_transformer(recipe)
@@ -131,14 +141,9 @@ def pretrain(recipe: ToyRecipe, out_dir: Path, progress: bool = True) -> dict:
     generator = torch.Generator().manual_seed(recipe.seed)
     start = time.perf_counter()
     losses = []
-    for _ in tqdm(range(recipe.pretrain_steps), desc="pretraining toy flow model", disable=not progress, leave=False):
+    for _ in tqdm(range(recipe.pretrain_steps), desc=f"pretraining {what}", disable=not progress, leave=False):
         idx = torch.randint(0, len(images), (recipe.batch_size,), generator=generator)
-        x0, digits = images[idx], labels[idx]
-        noise = torch.randn(x0.shape, generator=generator)
-        sigma = torch.sigmoid(torch.randn(recipe.batch_size, generator=generator))
-        s = sigma.view(-1, 1, 1, 1)
-        v = _predict(transformer, conditioner, (1 - s) * x0 + s * noise, sigma, digits)
-        loss = F.mse_loss(v, noise - x0)
+        loss = loss_fn(transformer, conditioner, images[idx], labels[idx], generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -153,20 +158,21 @@ def pretrain(recipe: ToyRecipe, out_dir: Path, progress: bool = True) -> dict:
     return meta
 
 
-def ensure_pretrained(recipe: ToyRecipe, cache_dir: Path | None = None, progress: bool = True) -> Path:
+def ensure_pretrained(recipe: ToyRecipe, cache_dir: Path | None = None, progress: bool = True,
+                      pretrain_fn=pretrain, family: str = "toy_digits") -> Path:
     """The cached base model's directory, pretraining it first if it is not cached yet."""
-    target = (cache_dir or cache_root()) / "toy_digits" / recipe.key()
+    target = (cache_dir or cache_root()) / family / recipe.key()
     if (target / "meta.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        meta = pretrain(recipe, tmp, progress)
+        meta = pretrain_fn(recipe, tmp, progress)
         try:
             tmp.rename(target)  # atomic; a concurrent run that finished first wins
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-        log.info("pretrained toy base model in %.1fs (loss %.4f) -> %s", meta["seconds"], meta["final_loss"], target)
+        log.info("pretrained %s base model in %.1fs (loss %.4f) -> %s", family, meta["seconds"], meta["final_loss"], target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -177,16 +183,17 @@ class ToyDigitPolicy(FineTunedPolicy):
     adapter disabled as the reference."""
 
     preview_decoder = "pixel"
+    recipe_class = ToyRecipe
 
     def __init__(self, path: str | os.PathLike | None = None, recipe: ToyRecipe | None = None,
                  lora_rank: int = 0, lora_alpha: float = 0.0, device: str = "cpu", progress: bool = True,
                  lora_targets=None, dtype: str = "fp32"):
-        recipe = recipe or ToyRecipe()
-        model_dir = Path(path) if path else ensure_pretrained(recipe, progress=progress)
+        recipe = recipe or self.recipe_class()
+        model_dir = Path(path) if path else self.ensure_pretrained(recipe, progress)
         self.model_dir = model_dir
         transformer = SD3Transformer2DModel.from_pretrained(model_dir / "transformer", local_files_only=True)
         meta = json.loads((model_dir / "meta.json").read_text())
-        r = ToyRecipe(**meta["recipe"])
+        r = self.recipe_class(**meta["recipe"])
         self.setup_finetuning(transformer, device=torch.device(device), dtype=resolve_dtype(dtype, device),
                               lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets)
         self.conditioner = DigitConditioner(r.tokens, r.heads * r.head_dim)
@@ -194,11 +201,15 @@ class ToyDigitPolicy(FineTunedPolicy):
         self.conditioner.to(self.device).requires_grad_(False)
         self.latent_shape = (1, r.image_size, r.image_size)
 
+    @staticmethod
+    def ensure_pretrained(recipe: ToyRecipe, progress: bool) -> Path:
+        return ensure_pretrained(recipe, progress=progress)
+
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         digits = torch.tensor([parse_digit(p, f"prompts[{i}]") for i, p in enumerate(prompts)], device=self.device)
         return {"digits": digits}
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(x.shape[0])
         prompt = self.conditioner(cond["digits"])
         return self.run_transformer(hidden_states=x, encoder_hidden_states=prompt["encoder_hidden_states"],
@@ -210,11 +221,11 @@ class ToyDigitPolicy(FineTunedPolicy):
 
 
 @register_policy("toy_digits")
-def _toy_factory(path: str = "", pretrain_steps: int = ToyRecipe.pretrain_steps, lora_rank: int = 0,
+def _toy_factory(path: str = "", pretrain_steps: int = 0, lora_rank: int = 0,
                  lora_alpha: float = 0.0, device: str = "cpu", progress: bool = True, seed: int = 0,
                  lora_targets=None, dtype: str = "fp32", guidance_scale: float = 1.0, **_):
     if guidance_scale != 1.0:
         raise ValueError(f"sampling.guidance_scale: the toy digit model has no unconditional branch; expected 1.0, "
                          f"got {guidance_scale}")
-    recipe = ToyRecipe(pretrain_steps=pretrain_steps, seed=seed)
+    recipe = ToyRecipe(pretrain_steps=pretrain_steps or ToyRecipe.pretrain_steps, seed=seed)
     return ToyDigitPolicy(path or None, recipe, lora_rank, lora_alpha, device, progress, lora_targets, dtype)

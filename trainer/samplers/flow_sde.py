@@ -14,12 +14,12 @@ importance ratios near 1, so Flow-GRPO's clip range 1e-4 is on the right scale).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+from epgrpo.trainer.samplers.base import StepResult, gaussian_kl, gaussian_step
+from epgrpo.trainer.samplers.base import per_sample as _per_sample
+
+__all__ = ["sigma_grid", "sde_step", "ode_step", "x0_preview", "gaussian_kl", "StepResult"]
 
 
 def sigma_grid(num_steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -34,21 +34,6 @@ def sigma_grid(num_steps: int, shift: float = 1.0) -> torch.Tensor:
         raise ValueError(f"shift: expected > 0, got {shift}")
     t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     return (shift * t / (1 + (shift - 1) * t)).float()
-
-
-@dataclass
-class StepResult:
-    sample: torch.Tensor  # x' (float32)
-    log_prob: torch.Tensor  # [B], float32, mean over non-batch dims
-    mean: torch.Tensor  # the Gaussian's mean (float32)
-    std: torch.Tensor  # [B, 1, ...] std_t * sqrt(-dt)
-
-
-def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
-    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
-    if value.ndim == 0:
-        value = value.expand(like.shape[0])
-    return value.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def sde_step(
@@ -74,14 +59,7 @@ def sde_step(
     one_minus = 1 - torch.where(sigma == 1, torch.full_like(sigma, sigma_guard), sigma)
     std_t = noise_level * torch.sqrt(sigma / one_minus)
     mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
-    std = std_t * torch.sqrt(-dt)
-    if sample is None:
-        if noise is None:
-            raise ValueError("sde_step: give either noise (to sample) or sample (to score)")
-        sample = mean + std * noise.float()
-    sample = sample.float()
-    log_prob = -((sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    return StepResult(sample, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std)
+    return gaussian_step(mean, std_t * torch.sqrt(-dt), noise, sample)
 
 
 def ode_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
@@ -93,9 +71,3 @@ def ode_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tenso
 def x0_preview(x: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
     """The clean-sample estimate x0 = x - sigma v, free given the velocity already computed."""
     return x.float() - _per_sample(sigma, x) * v.float()
-
-
-def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL between two Gaussian policies sharing std, per sample, averaged over non-batch dims."""
-    kl = (mean - mean_ref) ** 2 / (2 * std**2)
-    return kl.mean(dim=tuple(range(1, mean.ndim)))

@@ -1,0 +1,141 @@
+"""Stable Diffusion 1.x / 2.x through diffusers: DDPO's model, trained with stochastic DDIM.
+
+Loads a ``StableDiffusionPipeline`` from a local directory or a hub id (``local_files_only`` for
+directories and when ``HF_HUB_OFFLINE`` is set; no safety checker), keeps the VAE and the CLIP
+text encoder frozen, and trains the UNet (LoRA or full, see ``finetune.py``). LoRA adapts DDPO's
+modules by default: ``to_q``, ``to_k``, ``to_v`` and ``to_out.0`` of every attention layer (self-
+and cross-attention). Classifier-free guidance runs both branches in one batch exactly as the
+pipeline does ([uncond, cond] with the empty negative prompt, ``u + s (c - u)``), so
+``nfe_per_sample`` is 2 with guidance.
+
+The network output at integer timestep t is epsilon or v, whichever the scheduler's
+``prediction_type`` says (SD 2.x 768 px models predict v); ``DDIMSampler`` turns it into DDPO's
+stochastic DDIM step. Pipelines that ship another scheduler (SD 1.4's PNDM) are sampled with a
+``DDIMScheduler`` built from the same config, as DDPO does.
+
+Latents -> images: ``vae.decode(z / scaling_factor)`` (SD's VAE has no shift), then [-1, 1] ->
+uint8, the pipeline's own post-processing; the pruner's "vae" decoder does the same for x0-previews.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from epgrpo.trainer.policy.base import Conditioning, register_policy, vae_directory
+from epgrpo.trainer.policy.finetune import FineTunedPolicy, parse_targets, resolve_dtype
+from epgrpo.trainer.policy.sd3 import _offline, vae_decode_to_uint8
+from epgrpo.trainer.samplers import DDIMSampler, Sampler, SamplerOptions
+
+# DDPO's LoRA: the attention processors' q/k/v/out projections of every UNet attention layer
+DEFAULT_UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class SDPolicy(FineTunedPolicy):
+    preview_decoder = "vae"
+
+    def __init__(self, path: str, *, device: str = "cpu", dtype: str = "auto", guidance_scale: float = 5.0,
+                 resolution: int = 0, lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets=None,
+                 gradient_checkpointing: bool = False, preview_decoder: str = ""):
+        from diffusers import StableDiffusionPipeline
+
+        if not path:
+            raise ValueError("model.path: the sd model needs a pipeline directory or hub id "
+                             "(e.g. CompVis/stable-diffusion-v1-4)")
+        device = torch.device(device)
+        torch_dtype = resolve_dtype(dtype, device)
+        local = Path(path).is_dir()
+        if not local and Path(path).exists():
+            raise ValueError(f"model.path: {path} is not a pipeline directory")
+        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype,
+                                                           local_files_only=local or _offline(),
+                                                           safety_checker=None, requires_safety_checker=False)
+        resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        if resolution <= 0 or resolution % pipe.vae_scale_factor:
+            raise ValueError(f"model.resolution: expected a multiple of {pipe.vae_scale_factor} "
+                             f"(the VAE's downsampling factor), got {resolution}")
+        for module in (pipe.vae, pipe.text_encoder):
+            module.to(device).requires_grad_(False).eval()
+        # finetune's default targets are SD3's (attn.add_q_proj, ...): the UNet's are DDPO's
+        targets = (parse_targets(lora_targets) if lora_targets else []) or list(DEFAULT_UNET_LORA_TARGETS)
+        self.setup_finetuning(pipe.unet, device=device, dtype=torch_dtype, lora_rank=lora_rank,
+                              lora_alpha=lora_alpha, lora_targets=targets,
+                              gradient_checkpointing=gradient_checkpointing)
+        self.pipe, self.vae, self.path = pipe, pipe.vae, path
+        self.guidance_scale = float(guidance_scale)
+        self.nfe_per_sample = 2 if self.cfg else 1
+        if preview_decoder:
+            self.preview_decoder = preview_decoder
+        self.resolution = resolution
+        side = resolution // pipe.vae_scale_factor
+        self.latent_shape = (pipe.unet.config.in_channels, side, side)
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Encodes each distinct prompt once, then gathers rows; the negative prompt is the
+        pipeline's default, the empty prompt."""
+        unique = list(dict.fromkeys(prompts))
+        rows = torch.tensor([unique.index(p) for p in prompts], device=self.device)
+        with torch.no_grad():
+            embeds, neg_embeds = self.pipe.encode_prompt(unique, self.device, 1, self.cfg, negative_prompt=None)
+        cond = {"prompt_embeds": embeds[rows]}
+        if self.cfg:
+            cond["negative_prompt_embeds"] = neg_embeds[rows]
+        return cond
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Epsilon (or v) at integer timestep ``t`` (a scalar tensor, as the pipeline passes it)."""
+        timestep = torch.as_tensor(t, device=self.device)
+        embeds = cond["prompt_embeds"]
+        if self.cfg:  # one batch [uncond, cond], as the pipeline does
+            x = torch.cat([x, x])
+            embeds = torch.cat([cond["negative_prompt_embeds"], embeds])
+        out = self.run_transformer(sample=x, timestep=timestep, encoder_hidden_states=embeds)
+        if not self.cfg:
+            return out
+        uncond, text = out.chunk(2)
+        return uncond + self.guidance_scale * (text - uncond)
+
+    def make_sampler(self, num_steps: int, options: SamplerOptions) -> Sampler:
+        """DDPO's stochastic DDIM on the pipeline's noise schedule (a DDIMScheduler built from its config)."""
+        return DDIMSampler.from_scheduler(self.pipe.scheduler, num_steps, options.eta).to(self.device)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return vae_decode_to_uint8(self.vae, latents)
+
+    def preview_decoder_source(self, scratch_dir: Path) -> str:
+        return vae_directory(self.path, self.vae, scratch_dir)
+
+    def export(self, out_dir: Path) -> list[Path]:
+        """LoRA: ``lora/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out_dir / "lora")``;
+        full fine-tuning: ``unet/`` for ``UNet2DConditionModel.from_pretrained``."""
+        from diffusers import StableDiffusionPipeline
+
+        if self.lora_config is None:
+            target = Path(out_dir) / "unet"
+            self.transformer.save_pretrained(target)
+            return [target]
+        target = Path(out_dir) / "lora"
+        StableDiffusionPipeline.save_lora_weights(
+            target, unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict().items()},
+            # without the metadata diffusers would assume alpha = rank and scale the LoRA differently
+            unet_lora_adapter_metadata=self.lora_config.to_dict(),
+        )
+        return [target]
+
+
+@register_policy("sd")
+def _sd_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 5.0,
+                resolution: int = 0, lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets=None,
+                gradient_checkpointing: bool = False, preview_decoder: str = "", **_):
+    return SDPolicy(path, device=device, dtype=dtype, guidance_scale=guidance_scale, resolution=resolution,
+                    lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
+                    gradient_checkpointing=gradient_checkpointing, preview_decoder=preview_decoder)
