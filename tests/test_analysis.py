@@ -93,10 +93,12 @@ def test_analyze_runs_on_every_family_and_uses_the_prompt_file(family, tmp_path,
     model = {"toy_digits_ddpm": ["model.pretrain_steps=3"],
              "sd3": [f"model.path={request.getfixturevalue('tiny_sd3_dir')}", "model.max_sequence_length=8"],
              "sd": [f"model.path={request.getfixturevalue('tiny_sd_dir')}"],
-             "flux": [f"model.path={request.getfixturevalue('tiny_flux_dir')}", "model.max_sequence_length=16"]}
+             "flux": [f"model.path={request.getfixturevalue('tiny_flux_dir')}", "model.max_sequence_length=16",
+                      "model.resolution=32"]}
     out = tmp_path / "out"
     assert main(["analyze", "--groups", "2", "--group-size", "4", "--keep", "2", f"model.name={family}",
-                 *model[family], "model.device=cpu", "sampling.num_steps=3", "reward.rewards=jpeg_compressibility:1",
+                 *model[family], "model.device=cpu", "sampling.num_steps=3", "prune.mode=grpo",
+                 "reward.rewards=jpeg_compressibility:1",
                  "reward.judge=", f"train.prompt_file={prompts}", f"out_dir={out}", "progress=false"]) == 0
     result = json.loads((out / "analysis.json").read_text())
     assert [g["prompt"] for g in result["clustering"]["groups"]] == prompts.read_text().split("\n")[:2]

@@ -1,6 +1,5 @@
 """Expand-and-Prune rollouts: transformer calls, batch invariance, the first-epoch ratio."""
 
-import numpy as np
 import torch
 
 from epgrpo.services.pruner.ovf import ovf_select

@@ -123,10 +123,9 @@ def policy_update(
                                                 kl, beta)
                     (terms.loss * (len(rows) / group_count / len(steps))).backward()
                     local_loss += terms.loss.item() * len(rows) / group_count / len(steps)
-                    weight = len(rows) / count / len(steps)
-                    for key in sums:
+                    for key in sums:  # row-weighted sums, divided once below (exact when every term is equal)
                         value = getattr(terms, key)
-                        sums[key] += (value.item() if torch.is_tensor(value) else value) * weight
+                        sums[key] += (value.item() if torch.is_tensor(value) else value) * len(rows)
             if not math.isfinite(local_loss):  # poison the gradient so that every rank skips this step
                 for p in params:
                     p.grad = torch.full_like(p, float("nan"))
@@ -141,8 +140,9 @@ def policy_update(
             if after_step is not None:
                 after_step()
         optimizer.zero_grad(set_to_none=True)
+        means = {key: value / (count * len(steps)) for key, value in sums.items()}
         results.append(UpdateStats(grad_norm=sum(grad_norms) / len(grad_norms), logp_drift=drift,
-                                   optimizer_steps=len(grad_norms) - bool(skipped), skipped=skipped, **sums))
+                                   optimizer_steps=len(grad_norms) - bool(skipped), skipped=skipped, **means))
         if skipped:
             break
     return results

@@ -89,17 +89,6 @@ class PolicyAdapter(ABC):
         return [path]
 
 
-def vae_directory(model_path: str, vae, scratch_dir: Path) -> str:
-    """A directory the pruner's ``--vae`` accepts for this VAE: the local pipeline directory when
-    the model came from one, else the loaded VAE saved once into ``scratch_dir`` (hub ids)."""
-    if (Path(model_path) / "vae" / "config.json").is_file():
-        return str(Path(model_path).resolve())
-    target = Path(scratch_dir) / "preview_vae"
-    if not (target / "config.json").is_file():
-        vae.save_pretrained(target)
-    return str(target.resolve())
-
-
 _REGISTRY: dict[str, Callable[..., PolicyAdapter]] = {}
 # Built-in adapters register on import; imported only when asked for (no pipeline code otherwise).
 _BUILTIN = {"toy_digits": "epgrpo.trainer.policy.toy", "toy_digits_ddpm": "epgrpo.trainer.policy.toy_ddpm",

@@ -22,20 +22,19 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from epgrpo.trainer.policy.base import Conditioning, register_policy, vae_directory
-from epgrpo.trainer.policy.finetune import FineTunedPolicy, parse_targets, resolve_dtype
-from epgrpo.trainer.policy.sd3 import _offline, vae_decode_to_uint8
+from epgrpo.trainer.policy.base import Conditioning, register_policy
+from epgrpo.trainer.policy.finetune import parse_targets, resolve_dtype
+from epgrpo.trainer.policy.latent import LatentPipelinePolicy, offline
 from epgrpo.trainer.samplers import DDIMSampler, Sampler, SamplerOptions
 
 # DDPO's LoRA: the attention processors' q/k/v/out projections of every UNet attention layer
 DEFAULT_UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class SDPolicy(FineTunedPolicy):
-    preview_decoder = "vae"
+class SDPolicy(LatentPipelinePolicy):
+    trained_component = "unet"
 
     def __init__(self, path: str, *, device: str = "cpu", dtype: str = "auto", guidance_scale: float = 5.0,
                  resolution: int = 0, lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets=None,
@@ -53,20 +52,16 @@ class SDPolicy(FineTunedPolicy):
         with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype,
-                                                           local_files_only=local or _offline(),
+                                                           local_files_only=local or offline(),
                                                            safety_checker=None, requires_safety_checker=False)
         resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         if resolution <= 0 or resolution % pipe.vae_scale_factor:
             raise ValueError(f"model.resolution: expected a multiple of {pipe.vae_scale_factor} "
                              f"(the VAE's downsampling factor), got {resolution}")
-        for module in (pipe.vae, pipe.text_encoder):
-            module.to(device).requires_grad_(False).eval()
         # finetune's default targets are SD3's (attn.add_q_proj, ...): the UNet's are DDPO's
         targets = (parse_targets(lora_targets) if lora_targets else []) or list(DEFAULT_UNET_LORA_TARGETS)
-        self.setup_finetuning(pipe.unet, device=device, dtype=torch_dtype, lora_rank=lora_rank,
-                              lora_alpha=lora_alpha, lora_targets=targets,
-                              gradient_checkpointing=gradient_checkpointing)
-        self.pipe, self.vae, self.path = pipe, pipe.vae, path
+        self.adopt_pipeline(pipe, path, device=device, dtype=torch_dtype, lora_rank=lora_rank,
+                            lora_alpha=lora_alpha, lora_targets=targets, gradient_checkpointing=gradient_checkpointing)
         self.guidance_scale = float(guidance_scale)
         self.nfe_per_sample = 2 if self.cfg else 1
         if preview_decoder:
@@ -108,28 +103,6 @@ class SDPolicy(FineTunedPolicy):
         """DDPO's stochastic DDIM on the pipeline's noise schedule (a DDIMScheduler built from its config)."""
         return DDIMSampler.from_scheduler(self.pipe.scheduler, num_steps, options.eta).to(self.device)
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        return vae_decode_to_uint8(self.vae, latents)
-
-    def preview_decoder_source(self, scratch_dir: Path) -> str:
-        return vae_directory(self.path, self.vae, scratch_dir)
-
-    def export(self, out_dir: Path) -> list[Path]:
-        """LoRA: ``lora/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out_dir / "lora")``;
-        full fine-tuning: ``unet/`` for ``UNet2DConditionModel.from_pretrained``."""
-        from diffusers import StableDiffusionPipeline
-
-        if self.lora_config is None:
-            target = Path(out_dir) / "unet"
-            self.transformer.save_pretrained(target)
-            return [target]
-        target = Path(out_dir) / "lora"
-        StableDiffusionPipeline.save_lora_weights(
-            target, unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict().items()},
-            # without the metadata diffusers would assume alpha = rank and scale the LoRA differently
-            unet_lora_adapter_metadata=self.lora_config.to_dict(),
-        )
-        return [target]
 
 
 @register_policy("sd")

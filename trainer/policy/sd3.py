@@ -14,19 +14,14 @@ pipeline's own post-processing; the pruner's "vae" decoder does the same for x0-
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from epgrpo.trainer.policy.base import Conditioning, register_policy, vae_directory
-from epgrpo.trainer.policy.finetune import FineTunedPolicy, resolve_dtype
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+from epgrpo.trainer.policy.base import Conditioning, register_policy
+from epgrpo.trainer.policy.finetune import resolve_dtype
+from epgrpo.trainer.policy.latent import LatentPipelinePolicy, offline
 
 
 def _has_t5(path: str) -> bool:
@@ -38,19 +33,7 @@ def _has_t5(path: str) -> bool:
     return bool(entry and entry[0]) and (Path(path) / "text_encoder_3").is_dir()
 
 
-def vae_decode_to_uint8(vae, latents: torch.Tensor, batch_size: int = 8) -> np.ndarray:
-    """SD3 latents [N, C, h, w] -> uint8 images [N, H, W, 3] (the pipeline's post-processing)."""
-    out = []
-    with torch.no_grad():
-        for chunk in latents.split(batch_size):
-            z = chunk.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-            image = vae.decode(z, return_dict=False)[0].float()
-            out.append(((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-    return torch.cat(out).numpy()
-
-
-class SD3Policy(FineTunedPolicy):
-    preview_decoder = "vae"
+class SD3Policy(LatentPipelinePolicy):
 
     def __init__(self, path: str, *, device: str = "cpu", dtype: str = "auto", guidance_scale: float = 4.5,
                  resolution: int = 0, max_sequence_length: int = 128, text_encoder_3: bool = True,
@@ -70,14 +53,10 @@ class SD3Policy(FineTunedPolicy):
         with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=torch_dtype,
-                                                            local_files_only=local or _offline(), **drop_t5)
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if module is not None:
-                module.to(device).requires_grad_(False).eval()
-        self.setup_finetuning(pipe.transformer, device=device, dtype=torch_dtype, lora_rank=lora_rank,
-                              lora_alpha=lora_alpha, lora_targets=lora_targets,
-                              gradient_checkpointing=gradient_checkpointing)
-        self.pipe, self.vae, self.path = pipe, pipe.vae, path
+                                                            local_files_only=local or offline(), **drop_t5)
+        self.adopt_pipeline(pipe, path, device=device, dtype=torch_dtype, lora_rank=lora_rank,
+                            lora_alpha=lora_alpha, lora_targets=lora_targets,
+                            gradient_checkpointing=gradient_checkpointing)
         self.guidance_scale = float(guidance_scale)
         self.nfe_per_sample = 2 if self.guidance_scale > 1.0 else 1
         self.max_sequence_length = max_sequence_length
@@ -123,28 +102,6 @@ class SD3Policy(FineTunedPolicy):
         v_uncond, v_cond = v.chunk(2)
         return v_uncond + self.guidance_scale * (v_cond - v_uncond)
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        return vae_decode_to_uint8(self.vae, latents)
-
-    def preview_decoder_source(self, scratch_dir: Path) -> str:
-        return vae_directory(self.path, self.vae, scratch_dir)
-
-    def export(self, out_dir: Path) -> list[Path]:
-        """LoRA: ``lora/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out_dir / "lora")``;
-        full fine-tuning: ``transformer/`` for ``SD3Transformer2DModel.from_pretrained``."""
-        from diffusers import StableDiffusion3Pipeline
-
-        if self.lora_config is None:
-            target = Path(out_dir) / "transformer"
-            self.transformer.save_pretrained(target)
-            return [target]
-        target = Path(out_dir) / "lora"
-        StableDiffusion3Pipeline.save_lora_weights(
-            target, transformer_lora_layers={k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict().items()},
-            # without the metadata diffusers would assume alpha = rank and scale the LoRA differently
-            transformer_lora_adapter_metadata=self.lora_config.to_dict(),
-        )
-        return [target]
 
 
 @register_policy("sd3")

@@ -1,0 +1,90 @@
+"""What every latent diffusers pipeline adapter (SD3, SD 1.x/2.x, FLUX) shares: offline loading,
+VAE decoding, the VAE a launched pruner loads, and export in the format the stock pipeline loads.
+
+Latents -> images: ``vae.decode(z / scaling_factor + shift_factor)``, then [-1, 1] -> uint8, the
+pipelines' own post-processing (SD's VAE has no shift); the pruner's "vae" decoder does the same
+for x0-previews (tested to agree).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from epgrpo.trainer.policy.finetune import FineTunedPolicy
+
+
+def offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` asks for local files only."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def vae_decode_to_uint8(vae, latents: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """Latents [N, C, h, w] -> uint8 images [N, H, W, 3] (the pipelines' post-processing)."""
+    out = []
+    with torch.no_grad():
+        for chunk in latents.split(batch_size):
+            z = chunk.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+            image = vae.decode(z, return_dict=False)[0].float()
+            out.append(((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+    return torch.cat(out).numpy()
+
+
+def vae_directory(model_path: str, vae, scratch_dir: Path) -> str:
+    """A directory the pruner's ``--vae`` accepts for this VAE: the local pipeline directory when
+    the model came from one, else the loaded VAE saved once into ``scratch_dir`` (hub ids)."""
+    if (Path(model_path) / "vae" / "config.json").is_file():
+        return str(Path(model_path).resolve())
+    target = Path(scratch_dir) / "preview_vae"
+    if not (target / "config.json").is_file():
+        vae.save_pretrained(target)
+    return str(target.resolve())
+
+
+class LatentPipelinePolicy(FineTunedPolicy):
+    """A FineTunedPolicy around a diffusers pipeline (``self.pipe``, ``self.vae``, ``self.path``)
+    whose trained network is the pipeline component ``trained_component``."""
+
+    preview_decoder = "vae"
+    trained_component = "transformer"  # "unet" for SD 1.x/2.x
+    pipe = vae = None
+    path = ""
+
+    def adopt_pipeline(self, pipe, path: str, *, device: torch.device, dtype: torch.dtype, lora_rank: int = 0,
+                       lora_alpha: float = 0.0, lora_targets=None, gradient_checkpointing: bool = False) -> None:
+        """Freezes every network of ``pipe`` but the trained component (VAE, text encoders) on
+        ``device``, and sets up LoRA / full fine-tuning of the trained one."""
+        trained = getattr(pipe, self.trained_component)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module) and module is not trained:
+                module.to(device).requires_grad_(False).eval()
+        self.setup_finetuning(trained, device=device, dtype=dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                              lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing)
+        self.pipe, self.vae, self.path = pipe, pipe.vae, path
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return vae_decode_to_uint8(self.vae, latents)
+
+    def preview_decoder_source(self, scratch_dir: Path) -> str:
+        return vae_directory(self.path, self.vae, scratch_dir)
+
+    def export(self, out_dir: Path) -> list[Path]:
+        """LoRA: ``lora/pytorch_lora_weights.safetensors`` for the stock pipeline's
+        ``load_lora_weights(out_dir / "lora")``; full fine-tuning: ``<component>/`` for the
+        component class's ``from_pretrained``."""
+        if self.lora_config is None:
+            target = Path(out_dir) / self.trained_component
+            self.transformer.save_pretrained(target)
+            return [target]
+        target = Path(out_dir) / "lora"
+        component = self.trained_component
+        layers = {k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict().items()}
+        type(self.pipe).save_lora_weights(target, **{
+            f"{component}_lora_layers": layers,
+            # without the metadata diffusers would assume alpha = rank and scale the LoRA differently
+            f"{component}_lora_adapter_metadata": self.lora_config.to_dict(),
+        })
+        return [target]
