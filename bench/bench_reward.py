@@ -1,5 +1,6 @@
 """Reward service benchmark: the same backend called in-process, over gRPC, and over gRPC with
-dynamic batching, at 1, 4 and 8 concurrent clients, side by side in one run.
+dynamic batching, and over gRPC with ``--workers N`` (CPU rewards scoring requests in parallel), at
+1, 4 and 8 concurrent clients, side by side in one run.
 
     python bench/bench_reward.py            # full: 4 s per cell, about 1.5 minutes
     python bench/bench_reward.py --quick    # a smoke run (tests/test_bench_reward.py)
@@ -210,6 +211,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images-per-request", type=int, default=4, help="images in each request (default %(default)s)")
     parser.add_argument("--image-size", type=int, default=64, help="square image side in pixels (default %(default)s)")
     parser.add_argument("--batch-max-size", type=int, default=64, help="the batching server's --batch-max-size")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                        help="a server with --workers N next to the 1-worker one (default: the CPU count)")
     parser.add_argument("--batch-max-delay-ms", default="0,2",
                         help="one batching server per value of its --batch-max-delay-ms, comma-separated (default "
                         "%(default)s; 0 merges only what queued while the model was busy)")
@@ -232,6 +235,9 @@ def main(argv=None) -> int:
         clip_dir = save_tiny_clip(workdir / "clip")  # the tests' tiny CLIP: 32 px, 2+2 layers of width 32
         rewards = f"clip=clipscore:path={clip_dir},jpeg=jpeg_compressibility"
         servers = {"grpc": ServerProcess(workdir, "plain", rewards, [])}
+        if args.workers > 1:
+            servers[f"grpc, {args.workers} workers"] = ServerProcess(workdir, "workers", rewards,
+                                                                    ["--workers", str(args.workers)])
         for delay in args.delays:
             servers[f"grpc+batch {delay:g}ms"] = ServerProcess(workdir, f"batching-{delay:g}", rewards, [
                 "--batch-max-size", str(args.batch_max_size), "--batch-max-delay-ms", str(delay)])

@@ -160,7 +160,8 @@ def main(argv=None) -> int:
     print(f"rollout benchmark: toy digit model, {len(prompts)} prompts, {args.steps} steps, median of {repeats}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(table(results))
-    print("x0-previews: 0 extra transformer calls (NFE equals the survivors-per-step sum exactly)")
+    print("x0-previews: no model call is made for a preview (pruning at step s decides on the preview of x_s "
+          "from step s's own call; NFE equals the sum over steps of the trajectories calling the model)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -7,6 +7,15 @@ non-zero if any call failed.
 
     python bench/soak.py --seconds 60 --clients 8     # the documented full soak
     python bench/soak.py --seconds 3 --clients 4      # what the test suite runs
+
+``--flood``: instead, a flood of near-limit ``Score`` requests against one reward service
+(``jpeg_compressibility``) with its memory budget (``--max-inflight-mb``, default: the service's
+own, min(2 GiB, a quarter of RAM)): ``--clients`` threads (default 48) each send 80 images of
+512x512 RGB (60 MiB) back to back for ``--seconds``, without backing off. Reported: the service's
+RSS before and at its peak against the budget, the statuses, and that the health check answered
+SERVING throughout. Exits non-zero if the peak went past budget + ``--overhead-mb`` or health failed.
+
+    python bench/soak.py --flood --seconds 20         # 48 x 60 MiB against the default budget
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ import numpy as np
 from epgrpo.protos import codec
 from epgrpo.protos.channel import PRUNER_SERVICE, REWARD_SERVICE, create_channel
 from epgrpo.protos.v1 import pruner_pb2, pruner_pb2_grpc, reward_pb2, reward_pb2_grpc, tensor_pb2
-from epgrpo.trainer.launch import LocalStack
+from epgrpo.services.common.budget import budget_bytes
+from epgrpo.trainer.launch import LocalService, LocalStack
 
 
 def rss_mib(pid: int) -> float:
@@ -63,12 +73,129 @@ def hammer(call, clients: int, seconds: float) -> dict:
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
 
 
+def flood(clients: int, seconds: float, max_inflight_mb: float | None, images: int, size: int, log_dir: Path,
+          max_message_mb: float | None = None) -> dict:
+    """``clients`` threads sending ``images`` x size x size x 3 Score requests back to back for
+    ``seconds`` to a fresh reward service; its RSS sampled every 20 ms, its health every 100 ms."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    args = ["--rewards", "jpeg_compressibility", "--device", "cpu", "--torch-threads", "1", "--log-level", "ERROR"]
+    if max_inflight_mb is not None:
+        args += ["--max-inflight-mb", str(max_inflight_mb)]
+    if max_message_mb is not None:
+        args += ["--max-message-mb", str(max_message_mb)]
+    service = LocalService("reward", "epgrpo.services.reward.main", args, log_dir)
+    try:
+        pid = service.process.pid
+        budget_mib = budget_bytes(max_inflight_mb) / 2**20  # what the service computed (same machine, same env)
+        rng = np.random.default_rng(0)
+        request = reward_pb2.ScoreRequest(
+            images=codec.encode(rng.integers(0, 256, (images, size, size, 3), dtype=np.uint8)),
+            prompts=[""] * images, rewards=[tensor_pb2.RewardSpec(name="jpeg_compressibility", weight=1.0)],
+        ).SerializeToString()  # once: every call sends these bytes (the client side stays small)
+        channels = [grpc.insecure_channel(service.address, options=[("grpc.max_send_message_length", 256 << 20)])
+                    for _ in range(4)]  # four connections, like several trainers
+        calls = [c.unary_unary("/epgrpo.v1.RewardService/Score") for c in channels]
+        probe = grpc.insecure_channel(service.address)  # its own connection, like an orchestrator's probe
+        health = health_pb2_grpc.HealthStub(probe)
+        small = reward_pb2.ScoreRequest(images=codec.encode(np.zeros((2, 32, 32, 3), np.uint8)), prompts=["", ""],
+                                        rewards=[tensor_pb2.RewardSpec(name="jpeg_compressibility", weight=1.0)])
+        reward_pb2_grpc.RewardServiceStub(probe).Score(small, timeout=30)  # warm: first-call allocations
+        time.sleep(0.2)
+        base_rss = rss_mib(pid)
+        codes: dict[str, int] = {}
+        details: dict[str, str] = {}
+        samples: list[float] = []
+        health_bad: list[str] = []
+        health_ms: list[float] = []
+        lock = threading.Lock()
+        stop_at = time.monotonic() + seconds
+        done = threading.Event()
+
+        def worker(i: int) -> None:
+            while time.monotonic() < stop_at:
+                try:
+                    calls[i % len(calls)](request, timeout=60)
+                    code = "OK"
+                except grpc.RpcError as e:
+                    code = e.code().name
+                    details.setdefault(code, e.details())
+                with lock:
+                    codes[code] = codes.get(code, 0) + 1
+
+        def watch() -> None:
+            next_health = 0.0
+            while not done.is_set():
+                samples.append(rss_mib(pid))
+                if time.monotonic() >= next_health:
+                    next_health = time.monotonic() + 0.1
+                    start = time.perf_counter()
+                    try:  # the probe timeout of the repo's healthcheck (compose): 3 s
+                        status = health.Check(health_pb2.HealthCheckRequest(), timeout=3).status
+                        if status != health_pb2.HealthCheckResponse.SERVING:
+                            health_bad.append(str(status))
+                    except grpc.RpcError as e:
+                        health_bad.append(e.code().name)
+                    health_ms.append(1000 * (time.perf_counter() - start))
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done.set()
+        watcher.join()
+        for c in [*channels, probe]:
+            c.close()
+        return {"clients": clients, "seconds": seconds, "request_mib": len(request) / 2**20, "budget_mib": budget_mib,
+                "rss_start_mib": base_rss, "rss_peak_mib": max(samples), "rss_end_mib": rss_mib(pid),
+                "codes": codes, "details": details, "health_failures": health_bad,
+                "health_checks": len(health_ms), "health_p50_ms": float(np.percentile(health_ms, 50)),
+                "health_max_ms": max(health_ms)}
+    finally:
+        service.stop()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="duration per service (default %(default)s)")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent client threads (default %(default)s)")
+    parser.add_argument("--clients", type=int, default=None, help="concurrent client threads (default 8; --flood: 48)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    flood_args = parser.add_argument_group("flood mode")
+    flood_args.add_argument("--flood", action="store_true", help="flood one reward service with near-limit requests")
+    flood_args.add_argument("--max-inflight-mb", type=float, default=None,
+                            help="the service's memory budget (default: its own default)")
+    flood_args.add_argument("--max-message-mb", type=float, default=None,
+                            help="the service's message limit (default: its own default, 64)")
+    flood_args.add_argument("--images", type=int, default=80, help="images per request (default %(default)s)")
+    flood_args.add_argument("--size", type=int, default=512, help="image side, RGB (default %(default)s)")
+    flood_args.add_argument("--overhead-mb", type=float, default=256.0,
+                            help="RSS allowed above start + budget before the flood counts as failed (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.flood:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = flood(args.clients or 48, args.seconds, args.max_inflight_mb, args.images, args.size, Path(tmp),
+                      args.max_message_mb)
+        limit = r["rss_start_mib"] + r["budget_mib"] + args.overhead_mb
+        print(f"flood: {r['clients']} clients x {r['seconds']:.0f} s of {r['request_mib']:.1f} MiB Score requests, "
+              f"loopback, reward service (jpeg_compressibility)")
+        print("| budget MiB | RSS start MiB | RSS peak MiB | peak - start MiB | RSS end MiB | statuses | "
+              "health (p50 / max ms) |")
+        print("|---|---|---|---|---|---|---|")
+        print(f"| {r['budget_mib']:.0f} | {r['rss_start_mib']:.0f} | {r['rss_peak_mib']:.0f} | "
+              f"{r['rss_peak_mib'] - r['rss_start_mib']:.0f} | {r['rss_end_mib']:.0f} | "
+              f"{', '.join(f'{k} {v}' for k, v in sorted(r['codes'].items()))} | "
+              f"{'SERVING ' + str(r['health_checks']) + '/' + str(r['health_checks']) if not r['health_failures'] else r['health_failures'][:5]} "
+              f"({r['health_p50_ms']:.0f} / {r['health_max_ms']:.0f}) |")
+        for code, text in r["details"].items():
+            print(f"{code}: {text}")
+        if args.json:
+            args.json.write_text(json.dumps(r, indent=2))
+        return 1 if r["rss_peak_mib"] > limit or r["health_failures"] else 0
+    args.clients = args.clients or 8
     rng = np.random.default_rng(0)
     images = codec.encode(rng.integers(0, 256, (16, 16, 16, 1), dtype=np.uint8))
     previews = codec.encode((rng.random((12, 1, 16, 16), dtype=np.float32) * 2 - 1))

@@ -256,3 +256,22 @@ def _BearerToken(token: str, aio: bool):
 
 REWARD_SERVICE = "epgrpo.v1.RewardService"
 PRUNER_SERVICE = "epgrpo.v1.PrunerService"
+
+# A server answering RESOURCE_EXHAUSTED because its in-flight memory budget is full (it may
+# succeed later) marks the status with this trailing metadata; RESOURCE_EXHAUSTED without it
+# (a message over the size limit, a batch over the server's limit) would fail the same way again.
+RETRYABLE_METADATA_KEY = "epgrpo-retryable"
+RETRYABLE_BUDGET = "budget"
+
+
+def is_budget_rejection(error) -> bool:
+    """True for a RESOURCE_EXHAUSTED a server's memory budget answered (retry with backoff)."""
+    code = error.code() if hasattr(error, "code") else None
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED or not hasattr(error, "trailing_metadata"):
+        return False
+    try:
+        metadata = error.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - a call that never reached a server has none
+        return False
+    return any(key == RETRYABLE_METADATA_KEY and (value.decode() if isinstance(value, bytes) else value)
+               == RETRYABLE_BUDGET for key, value in metadata)

@@ -118,3 +118,19 @@ def finite_or_raise(array: np.ndarray, field: str) -> None:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise WireError(field, f"expected finite values, got {bad} NaN/Inf")
+
+
+# Payload bytes per request that clients aim for: well under the channels' 64 MiB message limit
+# (protos/channel.py), and small enough that several requests in flight overlap transfer and work.
+DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
+DEFAULT_MAX_REQUEST_ITEMS = 256
+
+
+def batch_slices(count: int, bytes_per_item: int, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 max_items: int = DEFAULT_MAX_REQUEST_ITEMS) -> list[slice]:
+    """Contiguous slices of a batch of ``count`` equal items, each of at most ``max_bytes`` payload
+    (but at least one item) and ``max_items`` items: how every client splits images or latents."""
+    if count <= 0:
+        return []
+    size = max(1, min(max_items, max_bytes // max(1, bytes_per_item)))
+    return [slice(lo, min(lo + size, count)) for lo in range(0, count, size)]

@@ -4,8 +4,10 @@ then every replica runs its service's command with its environment, on its own l
 (127.0.0.2, 127.0.0.3, ...), with:
 - service names resolved by a DNS stub that answers like Docker's embedded DNS (a name maps to
   all of its replicas), so ``dns:///reward:50051`` round-robins over the replicas as in compose;
-- container ports remapped to free ones, volumes to host directories, GPU reservations ignored;
-- readiness taken from each service's own healthcheck command, as ``service_healthy`` does.
+- container ports remapped to free ones, volumes to host directories (named volumes without one
+  given: ``<workdir>/volumes/<name>``), GPU reservations ignored;
+- readiness taken from each service's own healthcheck command, as ``service_healthy`` does, and
+  ``service_completed_successfully`` from a one-shot service's exit code.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class Instance:
 class ComposeAsProcesses:
     config: dict
     workdir: Path
-    volumes: dict[str, Path]  # named volume -> host directory
+    volumes: dict[str, Path]  # named volume -> host directory (default: <workdir>/volumes/<name>)
     image_env: dict[str, str] = field(default_factory=dict)
     instances: list[Instance] = field(default_factory=list)
 
@@ -100,7 +102,10 @@ class ComposeAsProcesses:
     def _paths(self, service: dict) -> list[tuple[str, str]]:
         out = []
         for v in service.get("volumes") or []:
-            source = self.volumes[v["source"]] if v["type"] == "volume" else Path(v["source"])
+            if v["type"] == "volume":
+                source = self.volumes.get(v["source"]) or self.workdir / "volumes" / v["source"]
+            else:
+                source = Path(v["source"])
             Path(source).mkdir(parents=True, exist_ok=True)
             out.append((v["target"], str(source)))
         return sorted(out, key=lambda p: -len(p[0]))
@@ -160,8 +165,11 @@ class ComposeAsProcesses:
     def start(self, name: str, extra_args: list[str] = ()) -> list[Instance]:
         service = self.config["services"][name]
         for dep, condition in (service.get("depends_on") or {}).items():
-            assert condition["condition"] == "service_healthy", (name, dep, condition)
-            self.wait_healthy(dep)
+            if condition["condition"] == "service_completed_successfully":
+                self.wait_completed(dep)
+            else:
+                assert condition["condition"] == "service_healthy", (name, dep, condition)
+                self.wait_healthy(dep)
         paths = self._paths(service)
         started = []
         for k, ip in enumerate(self.ips[name]):
@@ -172,6 +180,15 @@ class ComposeAsProcesses:
             self.instances.append(inst)
             started.append(inst)
         return started
+
+    def wait_completed(self, name: str, timeout_s: float = 120.0) -> None:
+        """Waits for every instance of a one-shot service to exit; raises unless each exited 0."""
+        instances = [i for i in self.instances if i.service == name]
+        assert instances, f"{name} was never started"
+        for inst in instances:
+            rc = inst.process.wait(timeout_s)
+            if rc != 0:
+                raise RuntimeError(f"{name} exited with {rc}: {inst.log.read_text()[-3000:]}")
 
     def wait_healthy(self, name: str, timeout_s: float = 240.0) -> None:
         """Runs the service's healthcheck command for every replica until it exits 0."""

@@ -105,3 +105,29 @@ def tiny_flux_dir(tmp_path_factory):
     from tiny_flux import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now; nobody listens on it once this returns."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+SERVED_REWARDS = ("digit", "digit_judge", "jpeg_compressibility")
+
+
+@pytest.fixture(scope="session")
+def services():
+    """(reward, pruner): a reward service serving SERVED_REWARDS and a pruner scoring previews with it,
+    BackgroundServers on free ports shared by the session (both keep no state between calls)."""
+    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
+    from epgrpo.services.reward.main import build_registrar as reward_registrar
+
+    reward = BackgroundServer(reward_registrar(list(SERVED_REWARDS)))
+    pruner = BackgroundServer(pruner_registrar(reward.address))
+    yield reward, pruner
+    pruner.stop()
+    reward.stop()

@@ -8,6 +8,7 @@ gradients, its final trainable weights) and RECORD_DIR/rank<r>.json (its groups 
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from epgrpo.trainer.distributed import Distributed
 record_dir = Path(sys.argv[1])
 record_dir.mkdir(parents=True, exist_ok=True)
 tensors, facts = {}, {"groups": [], "updates": []}
-all_reduce, sample, policy_update, run = (Distributed.all_reduce_mean_, loop.Trainer.sample, loop.policy_update,
-                                          loop.Trainer.run)
+all_reduce, sample, policy_update, run = (Distributed.all_reduce_mean_, loop.Trainer.sample_and_score,
+                                          loop.policy_update, loop.Trainer.run)
 
 
 def recording_all_reduce(self, params):
@@ -33,9 +34,9 @@ def recording_all_reduce(self, params):
 
 
 def recording_sample(self, iteration, prompts, first_group=0):
-    batch = sample(self, iteration, prompts, first_group)
+    result = sample(self, iteration, prompts, first_group)
     facts["groups"].append({"iteration": iteration, "prompts": prompts, "first_group": first_group})
-    return batch
+    return result
 
 
 def recording_update(policy, optimizer, batch, advantages, *args, **kwargs):
@@ -51,6 +52,14 @@ def run_and_record(self):
     return path
 
 
+if os.environ.get("EPGRPO_TEST_PRUNER_DOWN_ON_RANK") == os.environ.get("RANK"):  # this rank's pruner is away
+    from epgrpo.trainer import clients
+
+    def unavailable(self, step, sigma, groups):
+        raise clients.ServiceCallError("pruner", "PruneRollout", clients._Ended())
+
+    clients.PrunerStream.decide = unavailable
+
 Distributed.all_reduce_mean_ = recording_all_reduce
-loop.Trainer.sample, loop.policy_update, loop.Trainer.run = recording_sample, recording_update, run_and_record
+loop.Trainer.sample_and_score, loop.policy_update, loop.Trainer.run = recording_sample, recording_update, run_and_record
 sys.exit(cli.main(["train", *sys.argv[2:]]))

@@ -14,16 +14,6 @@ from epgrpo.trainer.loop import Trainer
 TIMING = ("rollout_s", "train_s", "iteration_s")
 
 
-@pytest.fixture
-def services(background_server):
-    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
-    from epgrpo.services.reward.main import build_registrar as reward_registrar
-
-    reward = background_server(reward_registrar(["jpeg_compressibility"]))
-    pruner = background_server(pruner_registrar(reward.address))
-    return reward, pruner
-
-
 # Every stateful part in play: LoRA + AdamW, LR warm-up, EMA, a per-prompt reward buffer, the prompt
 # sampler (2 of 10 prompts per iteration), random trained-step subsets, SDE windows, several
 # optimizer steps per iteration.

@@ -1,5 +1,6 @@
 """Config and CLI: every option documented; a bad value is a clear error before any work starts."""
 
+import re
 import subprocess
 import sys
 
@@ -55,10 +56,21 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys):
 
 
 def test_help_explains_every_option():
+    """`epgrpo train --help` prints every option followed by its whole help text."""
     out = subprocess.run([sys.executable, "-m", "epgrpo.trainer.cli", "train", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for key, _, _, help_text in cfg.iter_fields():
-        assert key in out and help_text, key
+    fields = list(cfg.iter_fields())
+    starts = {}
+    for key, *_ in fields:
+        match = re.search(rf"^\s+{re.escape(key)}\b", out, re.MULTILINE)
+        assert match, f"{key}: not in `epgrpo train --help`"
+        starts[key] = match.start()
+    ends = sorted(starts.values())[1:] + [len(out)]
+    entry = {key: out[start:min(end for end in ends if end > start)] for key, start in starts.items()}
+    for key, _, _, help_text in fields:
+        assert help_text.strip(), f"{key}: no help text"
+        words = "".join(help_text.split())  # wrapping changes only whitespace
+        assert words in "".join(entry[key].split()), f"{key}: help text not printed under it:\n{entry[key]}"
 
 
 def test_config_command_prints_resolved_yaml(capsys):

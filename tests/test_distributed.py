@@ -3,7 +3,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -11,45 +10,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-@pytest.fixture
-def services(background_server):
-    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
-    from epgrpo.services.reward.main import build_registrar as reward_registrar
-
-    reward = background_server(reward_registrar(["jpeg_compressibility"]))
-    pruner = background_server(pruner_registrar(reward.address))
-    return reward, pruner
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_ranks_average_gradients_and_keep_groups_whole(services, tiny_policy_factory, tmp_path):
+def two_ranks(services, toy_dir, record, out, *extra, env=None):
+    """``epgrpo train`` (with recording hooks) as 2 CPU ranks under ``accelerate launch``."""
     reward, pruner = services
-    toy_dir = tiny_policy_factory().model_dir
-    record, out = tmp_path / "record", tmp_path / "run"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(WORKER), str(record),
         f"model.path={toy_dir}", "model.device=cpu", "prune.group_size=4", "prune.steps=[1]", "prune.keeps=[2]",
-        "sampling.num_steps=4", "train.iterations=2", "train.prompts_per_iteration=4", "train.train_batch_size=3",
-        "train.lr=1e-2", "reward.rewards=jpeg_compressibility:1", "reward.judge=", "eval.samples_per_prompt=1",
-        "eval.every=0", "eval.max_prompts=2", f"reward.address={reward.address}", f"pruner.address={pruner.address}",
-        "launch_services=false", "progress=false", f"out_dir={out}",
+        "sampling.num_steps=4", "train.iterations=2", "train.prompts_per_iteration=4",
+        "reward.rewards=jpeg_compressibility:1", "reward.judge=", "eval.samples_per_prompt=1", "eval.every=0",
+        "eval.max_prompts=2", f"reward.address={reward.address}", f"pruner.address={pruner.address}",
+        "launch_services=false", "progress=false", f"out_dir={out}", *extra,
     ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})})
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_average_gradients_and_keep_groups_whole(services, tiny_policy_factory, tmp_path):
+    record, out = tmp_path / "record", tmp_path / "run"
+    two_ranks(services, tiny_policy_factory().model_dir, record, out, "train.train_batch_size=3", "train.lr=1e-2")
     ranks = [load_file(record / f"rank{r}.safetensors") for r in range(2)]
     facts = [json.loads((record / f"rank{r}.json").read_text()) for r in range(2)]
     assert [f["world_size"] for f in facts] == [2, 2]
@@ -79,3 +67,19 @@ def test_two_ranks_average_gradients_and_keep_groups_whole(services, tiny_policy
                 assert abs(sum(adv)) < 1e-5  # centred on its own group's survivors
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["nfe_used"] == 2 * 4 * (4 * 2 + 2 * 2)
+
+
+@pytest.mark.slow
+def test_one_rank_without_its_pruner_goes_on_unpruned_and_the_ranks_stay_consistent(services, tiny_policy_factory,
+                                                                                      tmp_path):
+    record, out = tmp_path / "record", tmp_path / "run"
+    two_ranks(services, tiny_policy_factory().model_dir, record, out, "pruner.on_unavailable=no_prune",
+              env={"EPGRPO_TEST_PRUNER_DOWN_ON_RANK": "1"})
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:  # rank 0 pruned its 2 groups 4 -> 2; rank 1 kept all 4 of its 2 groups
+        assert m["kept"] == 2 * 2 + 2 * 4 and m["pruner_fallback_groups"] == 2
+        assert m["nfe"] == 2 * (4 * 2 + 2 * 2) + 2 * 4 * 4 and m["ratio_mean"] == pytest.approx(1.0, abs=1e-12)
+    facts = [json.loads((record / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [len(f["updates"][0]["prompts"]) for f in facts] == [4, 8]  # each rank trains on its own survivors
+    finals = [load_file(record / f"rank{r}.safetensors") for r in range(2)]
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0] if k.startswith("final."))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 from epgrpo.protos.channel import REWARD_SERVICE
@@ -92,12 +92,6 @@ def test_budget_does_not_retry_errors_that_would_repeat():
 
 
 # -- real replicas --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_replica(name: str, log_dir: Path) -> LocalService:
     metrics_port = free_port()
     service = LocalService(name, "epgrpo.services.reward.main",

@@ -13,21 +13,12 @@ from safetensors.torch import load_file
 TIMING = {"iteration_s", "rollout_s", "train_s", "wall_seconds", "step_s"}
 
 
-@pytest.fixture
-def services(background_server):
-    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
-    from epgrpo.services.reward.main import build_registrar as reward_registrar
-
-    reward = background_server(reward_registrar(["digit"]))
-    return reward.address, background_server(pruner_registrar(reward.address)).address
-
-
 def train(out, services, *extra):
     reward, pruner = services
     return [sys.executable, "-m", "epgrpo.trainer.cli", "train", "model.pretrain_steps=3", "train.iterations=4",
             "train.checkpoint_every=1", "train.prompts_per_iteration=2", "prune.group_size=6", "prune.steps=[2,3]",
             "prune.keeps=[4,2]", "sampling.num_steps=5", "eval.every=0", "eval.samples_per_prompt=1", "reward.judge=",
-            "launch_services=false", f"reward.address={reward}", f"pruner.address={pruner}", f"out_dir={out}",
+            "launch_services=false", f"reward.address={reward.address}", f"pruner.address={pruner.address}", f"out_dir={out}",
             "progress=false", *extra]
 
 

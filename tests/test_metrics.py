@@ -16,9 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from epgrpo.protos import codec
 from epgrpo.protos.channel import PRUNER_SERVICE, REWARD_SERVICE
 from epgrpo.protos.v1 import pruner_pb2, pruner_pb2_grpc, reward_pb2, reward_pb2_grpc
+from epgrpo.services.common import metrics
 from epgrpo.services.common.logs import JsonFormatter, configure_logging
 from epgrpo.services.common.server import ServerConfig
 from epgrpo.services.pruner.main import build_registrar
+from epgrpo.services.reward import metrics as reward_metrics  # noqa: F401 - Score's extractor, for CountingReward
 
 
 def scrape(port: int) -> dict[tuple, float]:
@@ -124,6 +126,25 @@ def test_reward_batch_sizes_and_request_ids(background_server, access_log):
     assert sample(m, "epgrpo_grpc_requests_total", **score, code="OK") == 3
     ids = [line.get("request_id") for line in access_log() if line.get("rpc", "").endswith("/Score")]
     assert ids == ["it2/it2-g3/step4", "it2/it2-g16/step4", "it2/it2-g5/step4"]
+
+
+def test_each_service_registers_the_extractors_of_its_own_messages():
+    """By message class, not by name: a renamed message fails at import instead of zeroing metrics."""
+    import epgrpo.services.pruner.servicer  # noqa: F401
+    import epgrpo.services.reward.servicer  # noqa: F401
+
+    requests = {reward_pb2.ScoreRequest, pruner_pb2.PruneStreamRequest, pruner_pb2.PruneRequest}
+    assert requests <= set(metrics.REQUEST_ITEMS)
+    assert pruner_pb2.PruneDecision in metrics.DECISION_COUNTS
+    ids: dict = {}
+    request = reward_pb2.ScoreRequest(images=codec.encode(np.zeros((3, 2, 2, 1), np.uint8)), request_id="r1")
+    assert metrics.REQUEST_ITEMS[reward_pb2.ScoreRequest](request, ids) == 3 and ids == {"request_id": "r1"}
+    decision = pruner_pb2.PruneDecision(survivor_ids=[1, 4], proxy_scores=[0.1, 0.2, 0.3, 0.4, 0.5])
+    assert metrics.DECISION_COUNTS[pruner_pb2.PruneDecision](decision) == (2, 3)
+    with pytest.raises(TypeError, match="protobuf message class"):
+        metrics.request_items("ScoreRequest")
+    with pytest.raises(ValueError, match="already counted by"):
+        metrics.request_items(reward_pb2.ScoreRequest)(lambda message, ids: 0)
 
 
 def test_json_log_format_is_one_object_per_line(capsys):

@@ -1,8 +1,9 @@
 """pruner.on_unavailable: no_prune goes on unpruned (counted), retry gives up after its budget."""
 
-import socket
+import re
 
 import pytest
+from conftest import free_port
 
 from epgrpo.trainer.clients import PrunerClient, RewardClient, ServicesUnavailable
 from epgrpo.trainer.config import load_config
@@ -10,9 +11,7 @@ from epgrpo.trainer.loop import Trainer
 
 
 def dead_address() -> str:
-    with socket.socket() as s:  # a port nobody listens on once this closes
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"  # a port nobody listens on
 
 
 @pytest.fixture
@@ -48,5 +47,5 @@ def test_retry_policy_stops_after_the_budget(tmp_path, reward, tiny_policy_facto
 
 
 def test_bad_policy_is_a_config_error():
-    with pytest.raises(ValueError, match="pruner.on_unavailable: expected retry | no_prune, got 'skip'"):
+    with pytest.raises(ValueError, match=re.escape("pruner.on_unavailable: expected retry | no_prune, got 'skip'")):
         load_config(None, ["pruner.on_unavailable=skip"])

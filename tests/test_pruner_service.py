@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epgrpo.protos import codec
@@ -293,14 +293,8 @@ def test_client_cancel_ends_the_session(pruner):
     pruner.assert_serving()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_reward_service_down_is_unavailable(background_server):
-    pruner = start_pruner(background_server, f"127.0.0.1:{_free_port()}", reward_deadline_s=5.0)
+    pruner = start_pruner(background_server, f"127.0.0.1:{free_port()}", reward_deadline_s=5.0)
     try:
         stream = pruner.stream()
         stream.send(open_request())

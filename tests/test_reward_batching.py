@@ -4,7 +4,6 @@ over real gRPC with many concurrent clients), shapes never mix, failures stay wi
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import grpc
@@ -18,6 +17,7 @@ from epgrpo.services.reward.backends import digit_data, digits
 from epgrpo.services.reward.backends.base import create_backend
 from epgrpo.services.reward.batching import DynamicBatcher
 from epgrpo.services.reward.config import BatchingConfig
+from epgrpo.services.reward import main as reward_main
 from epgrpo.services.reward.main import build_registrar
 
 
@@ -125,11 +125,22 @@ def digit_requests(count: int):
     return out
 
 
-def test_over_grpc_many_concurrent_clients_get_their_own_scores(background_server, caplog):
-    caplog.set_level(logging.DEBUG, logger="epgrpo.reward.batching")
-    register = build_registrar(["digit", "jpeg_compressibility"], batching=BatchingConfig(max_size=32, max_delay_ms=50))
-    server = background_server(register)
+def test_over_grpc_many_concurrent_clients_get_their_own_scores(background_server, monkeypatch):
+    servicers = []
+
+    class Recording(reward_main.RewardServicer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            servicers.append(self)
+
+    monkeypatch.setattr(reward_main, "RewardServicer", Recording)
     requests = digit_requests(24)
+    total = sum(len(im) for im, _ in requests)
+    # A batch as large as all requests together: the backends are called as soon as all 24 are waiting,
+    # with no timing window to miss; the delay (far longer than the 24 need to arrive) only bounds how
+    # long a broken batcher keeps the test waiting.
+    batching = BatchingConfig(max_size=total, max_delay_ms=5_000)
+    server = background_server(build_registrar(["digit", "jpeg_compressibility"], batching=batching))
     specs = [tensor_pb2.RewardSpec(name="digit", weight=1.0), tensor_pb2.RewardSpec(name="jpeg_compressibility", weight=0.5)]
 
     async def clients():
@@ -146,8 +157,11 @@ def test_over_grpc_many_concurrent_clients_get_their_own_scores(background_serve
         np.testing.assert_allclose(response.per_reward[0].scores, expected_digit, atol=1e-6)
         np.testing.assert_array_equal(np.float32(response.per_reward[1].scores), expected_jpeg)
         np.testing.assert_allclose(response.scores, expected_digit + 0.5 * expected_jpeg.astype(np.float64), atol=1e-5)
-    merged = [r.getMessage() for r in caplog.records if "requests," in r.getMessage()]
-    assert merged, "no backend call merged several requests"
+    (servicer,) = servicers
+    for name, batcher in servicer.batchers.items():
+        stats = batcher.stats
+        assert (stats.requests, stats.images) == (24, total), name
+        assert stats.largest > 1 and stats.calls < 24, f"{name}: no backend call merged several requests: {stats}"
 
 
 def test_over_grpc_a_bad_request_is_invalid_argument_and_does_not_hurt_its_neighbours(background_server):

@@ -10,7 +10,8 @@ from epgrpo.trainer.samplers.flow_sde import gaussian_kl, ode_step, sde_step, si
 
 
 def reference_step(x, v, sigma, sigma_next, a, guard, xi):
-    """Float64 NumPy transcription of DESIGN.md section 2, element by element."""
+    """Float64 NumPy transcription of the SDE step in trainer/samplers/flow_sde.py's docstring, element
+    by element."""
     x, v, xi = (np.asarray(t, dtype=np.float64) for t in (x, v, xi))
     dt = sigma_next - sigma
     s_for_denominator = guard if sigma == 1.0 else sigma

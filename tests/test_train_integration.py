@@ -11,16 +11,6 @@ from epgrpo.trainer.config import load_config
 from epgrpo.trainer.loop import Trainer
 
 
-@pytest.fixture
-def services(background_server):
-    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
-    from epgrpo.services.reward.main import build_registrar as reward_registrar
-
-    reward = background_server(reward_registrar(["digit", "digit_judge", "jpeg_compressibility"]))
-    pruner = background_server(pruner_registrar(reward.address))
-    return reward, pruner
-
-
 def small_config(tmp_path, *overrides):
     return load_config(None, [
         "prune.group_size=8", "prune.steps=[2,4]", "prune.keeps=[4,2]", "sampling.num_steps=6",
@@ -49,8 +39,9 @@ def test_expand_and_prune_training_through_grpc(services, tiny_policy_factory, t
     for m in metrics:
         assert m["survivors_per_step"] == [24, 24, 24, 12, 12, 6] and m["kept"] == 6
         assert m["ratio_mean"] == 1.0 and "skipped" not in m
-    for key in ("reward_first", "reward_last", "judge_first", "judge_last", "wall_seconds"):
-        assert 0 <= summary[key] or key == "wall_seconds"
+    for key in ("reward_first", "reward_last", "judge_first", "judge_last"):  # digit probabilities
+        assert 0 <= summary[key] <= 1, (key, summary[key])
+    assert summary["wall_seconds"] > 0
     for name in ("summary.json", "eval.jsonl", "reward_curve.png", "samples_first.png", "samples_last.png",
                  "policy.safetensors", "config.json"):
         assert (tmp_path / name).is_file(), name

@@ -95,7 +95,11 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 def save_checkpoint(trainer, directory: str | Path) -> Path:
     """Writes everything needed to continue ``trainer`` after its last completed iteration
-    (``trainer.completed_iteration``) to ``directory`` (replaced atomically); returns it."""
+    (``trainer.completed_iteration``) to ``directory`` (replaced atomically); returns it.
+
+    Works with a shared ``out_dir`` and with node-local ones: a node that does not see rank 0's
+    folder writes its own complete copy (weights and optimizer state are the same on every rank),
+    so every node can resume from its own disk. Every rank must call it."""
     directory = Path(directory)
     dist = trainer.dist
     tmp = directory.with_name(directory.name + ".tmp")
@@ -103,35 +107,46 @@ def save_checkpoint(trainer, directory: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    # rank 0's folder is not here: this node's disk is its own; its local rank 0 writes a full copy
+    writer = dist.is_main or (dist.local_rank == 0 and not tmp.is_dir())
+    dist.barrier()  # every rank has looked before any creates the folder on its own disk
+    tmp.mkdir(parents=True, exist_ok=True)
     rng_tensors, rng_meta = _rng_state()
     save_file(_tensors(rng_tensors), tmp / f"rng_rank{dist.rank}.safetensors")
     (tmp / f"rng_rank{dist.rank}.json").write_text(json.dumps(rng_meta))
-    if dist.is_main:
-        save_file(_tensors(trainer.policy.state_dict()), tmp / "weights.safetensors")
-        opt_tensors, opt_meta = _optimizer_state(trainer.optimizer)
-        save_file(_tensors(opt_tensors), tmp / "optimizer.safetensors")
-        state = {
-            "iteration": trainer.completed_iteration,
-            "world_size": dist.world_size,
-            "optimizer": opt_meta,
-            "lr_scheduler": trainer.lr_scheduler.state_dict(),
-            "prompt_rng": _jsonable(trainer.rng.getstate()),
-            "stat_tracker": trainer.tracker.state_dict(),
-            "nfe_cumulative": trainer.nfe_cumulative,
-            "nfe_full_cumulative": trainer.nfe_full_cumulative,
-            "config": trainer.config_dict(),
-        }
-        if trainer.ema is not None:
-            ema_tensors, state["ema"] = trainer.ema.state_dict()
-            save_file(_tensors(ema_tensors), tmp / "ema.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        for name in METRIC_FILES:
-            if (trainer.out / name).exists():
-                shutil.copyfile(trainer.out / name, tmp / name)
+    if writer:
+        _write_replicated_state(trainer, tmp)
+    dist.barrier()  # every rank's RNG file is in place
+    if writer:
         shutil.rmtree(directory, ignore_errors=True)
         tmp.rename(directory)
     dist.barrier()
     return directory
+
+
+def _write_replicated_state(trainer, tmp: Path) -> None:
+    """What every rank holds identically: weights, optimizer, schedules, counters, metric files."""
+    save_file(_tensors(trainer.policy.state_dict()), tmp / "weights.safetensors")
+    opt_tensors, opt_meta = _optimizer_state(trainer.optimizer)
+    save_file(_tensors(opt_tensors), tmp / "optimizer.safetensors")
+    state = {
+        "iteration": trainer.completed_iteration,
+        "world_size": trainer.dist.world_size,
+        "optimizer": opt_meta,
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "prompt_rng": _jsonable(trainer.rng.getstate()),
+        "stat_tracker": trainer.tracker.state_dict(),
+        "nfe_cumulative": trainer.nfe_cumulative,
+        "nfe_full_cumulative": trainer.nfe_full_cumulative,
+        "config": trainer.config_dict(),
+    }
+    if trainer.ema is not None:
+        ema_tensors, state["ema"] = trainer.ema.state_dict()
+        save_file(_tensors(ema_tensors), tmp / "ema.safetensors")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for name in METRIC_FILES:
+        if (trainer.out / name).exists():
+            shutil.copyfile(trainer.out / name, tmp / name)
 
 
 def _changed_options(saved: dict, current: dict, prefix: str = "") -> list[str]:

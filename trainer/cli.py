@@ -66,7 +66,7 @@ def connected(config: cfg.Config):
     """(policy, reward client, pruner client), with local services started when configured."""
     from pathlib import Path
 
-    from epgrpo.trainer.clients import PrunerClient, RewardClient
+    from epgrpo.trainer.clients import PrunerClient, reward_client_from_config
     from epgrpo.trainer.distributed import Distributed
     from epgrpo.trainer.launch import LocalStack
     from epgrpo.trainer.loop import resolve_device
@@ -92,19 +92,24 @@ def connected(config: cfg.Config):
             if dist.is_main:  # one local stack shared by all ranks
                 names = {n for spec in (config.reward.rewards, config.prune.proxy_rewards, config.reward.judge)
                          for n, _ in cfg.parse_rewards(spec, "reward")}
+                # rewards with their own service (reward.services) are scored there, also by the pruner
+                routes = {n: e if isinstance(e, str) else e["address"] for n, e in config.reward.services.items()}
+                names = (names - set(routes)) or {"jpeg_compressibility"}  # a cheap one keeps the stack whole
                 # the pruner decodes this model's previews with the model's own VAE, under the name the trainer sends
                 vae = config.model.preview_vae or policy.preview_decoder_source(Path(config.out_dir) / "services")
                 decoder = config.model.preview_decoder or policy.preview_decoder
                 print("starting local reward and pruner services ...", file=sys.stderr)
                 services = stack.enter_context(LocalStack(sorted(names), Path(config.out_dir) / "services", device="cpu",
                                                           decoders={decoder: vae} if vae else None,
-                                                          decoder_device=device))
+                                                          decoder_device=device, reward_routes=routes))
                 addresses = f"{services.reward.address}|{services.pruner.address}"
             config.reward.address, config.pruner.address = dist.broadcast_text(addresses).split("|")
-        client = RewardClient
         if config.reward.address.startswith("oip://"):  # any Open Inference Protocol server
-            from epgrpo.trainer.oip_reward import OipRewardClient as client  # imported only when used
-        reward = client.from_config(config.reward)  # replicas, TLS, token, retry budget
+            from epgrpo.trainer.oip_reward import OipRewardClient  # imported only when used
+
+            reward = OipRewardClient.from_config(config.reward)
+        else:  # replicas, TLS, token, retry budget; a router when rewards have their own services
+            reward = reward_client_from_config(config.reward)
         stack.callback(reward.close)
         pruner = PrunerClient.from_config(config.pruner)
         stack.callback(pruner.close)

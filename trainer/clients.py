@@ -13,14 +13,16 @@ import logging
 import queue
 import time
 import uuid
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence, TypeVar
 
 import grpc
 import numpy as np
 
 from epgrpo.protos import codec
-from epgrpo.protos.channel import PRUNER_SERVICE, REWARD_SERVICE, ChannelSecurity, create_channel, read_token
+from epgrpo.protos.channel import (PRUNER_SERVICE, REWARD_SERVICE, ChannelSecurity, create_channel,
+                                   is_budget_rejection, read_token)
 from epgrpo.protos.v1 import pruner_pb2, pruner_pb2_grpc, reward_pb2, reward_pb2_grpc, tensor_pb2
 from epgrpo.trainer.rollout import GroupState
 
@@ -39,10 +41,12 @@ class ServiceCallError(RuntimeError):
         details = error.details() if hasattr(error, "details") else str(error)
         super().__init__(f"{service}.{method} failed: {code.name if code else 'ERROR'}: {details}")
         self.service, self.method, self.code = service, method, code
+        # RESOURCE_EXHAUSTED from a server's full memory budget (not from a too-large message)
+        self.budget_rejection = is_budget_rejection(error)
 
     @property
     def retryable(self) -> bool:
-        return self.code in RETRYABLE
+        return self.code in RETRYABLE or self.budget_rejection
 
 
 class ServicesUnavailable(RuntimeError):
@@ -111,14 +115,21 @@ def _deadline(base: float, limit: float | None) -> float:
 
 
 class RewardClient:
-    def __init__(self, address: str, deadline_s: float = 60.0, max_batch: int = 256,
-                 security: ChannelSecurity = ChannelSecurity(), retry_budget_s: float = 120.0):
+    """One reward service. ``score`` sends a batch as byte-bounded chunks (``codec.batch_slices``),
+    up to ``max_in_flight`` at a time, so no legal batch exceeds the message limit and transfer
+    overlaps scoring."""
+
+    def __init__(self, address: str, deadline_s: float = 60.0, max_batch: int = codec.DEFAULT_MAX_REQUEST_ITEMS,
+                 security: ChannelSecurity = ChannelSecurity(), retry_budget_s: float = 120.0,
+                 max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES, max_in_flight: int = 4):
         self.address = address
         self.channel = create_channel(address, [REWARD_SERVICE], security=security)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
         self.deadline_s = deadline_s
         self.max_batch = max_batch
+        self.max_request_bytes = max_request_bytes
         self.retry = RetryBudget(retry_budget_s)
+        self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="reward-chunk")
 
     @classmethod
     def from_config(cls, section) -> "RewardClient":
@@ -148,23 +159,96 @@ class RewardClient:
 
     def score(self, images: np.ndarray, prompts: Sequence[str], rewards: Sequence[tuple[str, float]],
               request_id: str = "") -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Combined scores [N] and each reward's raw scores; sent in chunks of ``max_batch``.
-        Scoring is idempotent, so a chunk that failed on a dead replica is simply sent again."""
-        combined, raw = [], {}
-        for start in range(0, len(images), self.max_batch):
-            chunk = slice(start, start + self.max_batch)
+        """Combined scores [N] and each reward's raw scores. Scoring is idempotent, so a chunk that
+        failed on a dead replica is simply sent again (each chunk has its own retry budget)."""
+        slices = codec.batch_slices(len(images), images[:1].nbytes, self.max_request_bytes, self.max_batch)
+
+        def send(k: int, part: slice) -> reward_pb2.ScoreResponse:
             request = reward_pb2.ScoreRequest(
-                images=codec.encode(np.ascontiguousarray(images[chunk])), prompts=list(prompts[chunk]),
-                rewards=_specs(rewards), request_id=request_id,
+                images=codec.encode(np.ascontiguousarray(images[part])), prompts=list(prompts[part]),
+                rewards=_specs(rewards), request_id=request_id if len(slices) == 1 else f"{request_id}#{k}",
             )
-            response = self._call("Score", request, f"Score {request_id}")
-            combined.append(np.asarray(response.scores, dtype=np.float32))
+            return self._call("Score", request, f"Score {request.request_id}")
+
+        if len(slices) <= 1:
+            responses = [send(0, part) for part in slices]
+        else:
+            futures = [self._pool.submit(send, k, part) for k, part in enumerate(slices)]
+            try:
+                responses = [f.result() for f in futures]
+            finally:
+                for f in futures:
+                    f.cancel()
+        if not responses:
+            return np.zeros(0, np.float32), {name: np.zeros(0, np.float32) for name, _ in rewards}
+        combined = np.concatenate([np.asarray(r.scores, dtype=np.float32) for r in responses])
+        raw: dict[str, list] = {}
+        for response in responses:
             for r in response.per_reward:
                 raw.setdefault(r.name, []).append(np.asarray(r.scores, dtype=np.float32))
-        return np.concatenate(combined), {k: np.concatenate(v) for k, v in raw.items()}
+        return combined, {k: np.concatenate(v) for k, v in raw.items()}
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.channel.close()
+
+
+class RewardRouter:
+    """Rewards spread over several reward services (``reward.services``): each reward is scored
+    by its own service, or by the default one. The combined score is the sum of each service's
+    weighted sum, i.e. the single-service combination split by reward."""
+
+    def __init__(self, default: RewardClient, routes: dict[str, RewardClient]):
+        self.default, self.routes = default, dict(routes)
+        self.address = default.address
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.clients())), thread_name_prefix="reward-route")
+
+    def clients(self) -> list[RewardClient]:
+        return list({id(c): c for c in (self.default, *self.routes.values())}.values())
+
+    def split(self, rewards: Sequence[tuple[str, float]]) -> list[tuple[RewardClient, list[tuple[str, float]]]]:
+        parts: dict[int, tuple[RewardClient, list]] = {}
+        for name, weight in rewards:
+            client = self.routes.get(name, self.default)
+            parts.setdefault(id(client), (client, []))[1].append((name, weight))
+        return list(parts.values())
+
+    def require(self, names: Sequence[str], field: str) -> None:
+        for client, specs in self.split([(n, 1.0) for n in names]):
+            client.require([n for n, _ in specs], field)
+
+    def score(self, images: np.ndarray, prompts: Sequence[str], rewards: Sequence[tuple[str, float]],
+              request_id: str = "") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        parts = self.split(rewards)
+        futures = [self._pool.submit(client.score, images, prompts, specs, request_id) for client, specs in parts]
+        results = [f.result() for f in futures]
+        combined = np.sum([c.astype(np.float64) for c, _ in results], axis=0).astype(np.float32)
+        return combined, {name: values for _, raw in results for name, values in raw.items()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for client in self.clients():
+            client.close()
+
+
+def reward_client_from_config(section) -> "RewardClient | RewardRouter":
+    """``config.reward``: one client, or a router when ``reward.services`` names per-reward services
+    (each entry an address, or a mapping overriding any of the section's connection options)."""
+    clients: dict[tuple, RewardClient] = {}
+
+    def client(overrides: dict) -> RewardClient:
+        merged = replace(section, **overrides)
+        key = tuple(sorted((k, str(v)) for k, v in overrides.items()))
+        if key not in clients:
+            clients[key] = RewardClient.from_config(merged)
+        return clients[key]
+
+    default = client({})
+    if not section.services:
+        return default
+    routes = {name: client({"address": entry} if isinstance(entry, str) else dict(entry))
+              for name, entry in section.services.items()}
+    return RewardRouter(default, routes)
 
 
 class PrunerClient:

@@ -67,6 +67,9 @@ class SamplingConfig:
     eta: float = opt(1.0, "diffusion models (sd, toy_digits_ddpm): DDIM eta of the stochastic rollout steps "
                      "(DDPO: 1.0); evaluation samples with eta = 0")
     sde_last_step: bool = opt(False, "stochastic last step; default deterministic (ODE) and excluded from the loss")
+    waves: int = opt(1, "split a rank's groups into this many waves: while one wave's pruning decision or final "
+                     "scoring is in flight, the others denoise (same samples and result as 1; helps when the "
+                     "services are remote)")
     batch_size: int = opt(0, "trajectories per transformer call when sampling (rollouts and evaluation; x2 with "
                           "guidance); 0 = all of a rank's live trajectories at once")
     guidance_scale: float = opt(1.0, "classifier-free guidance scale (sd3, sd; > 1 runs both branches: 2 NFE per "
@@ -129,6 +132,9 @@ class TrainConfig:
 class RewardConfig:
     address: str = opt("127.0.0.1:50051", "reward service host:port; several replicas as host:port,host:port (IPs) "
                        "or one DNS name resolving to all of them, dns:///name:port (round robin either way)")
+    services: dict = opt({}, "a reward service per reward: name -> address (reward.services.ocr=ocr:50051), or name "
+                         "-> mapping of this section's connection options (address, tls_*, token_file, deadline_s, "
+                         "retry_budget_s); rewards not named here go to reward.address")
     rewards: str = opt("digit:1.0", "training rewards, 'name:weight,...' (combined by the reward service)")
     judge: str = opt("digit_judge", "held-out evaluation reward, never trained against; empty to skip")
     deadline_s: float = opt(60.0, "deadline of each reward call, seconds")
@@ -238,6 +244,15 @@ def _apply(config, values: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ValueError(f"{key}: expected a section (mapping), got {value!r}")
             _apply(getattr(config, name), value, f"{key}.")
+        elif t is dict:  # a mapping option: entries are added (several key=value overrides accumulate)
+            if not isinstance(value, dict):
+                raise ValueError(f"{key}: expected a mapping (e.g. {key}.NAME=VALUE), got {value!r}")
+            current = getattr(config, name)
+            for entry, update in value.items():  # reward.services.X.address=..., then ...X.deadline_s=...
+                before = current.get(entry)
+                if isinstance(update, dict) and isinstance(before, (dict, str)):
+                    update = {**({"address": before} if isinstance(before, str) else before), **update}
+                current[entry] = update
         else:
             setattr(config, name, _coerce(key, t, value))
 
@@ -282,6 +297,28 @@ def parse_rewards(spec: str, field_name: str) -> list[tuple[str, float]]:
     return out
 
 
+ROUTE_OPTIONS = ("address", "tls_ca", "tls_cert", "tls_key", "tls_server_name", "token_file", "deadline_s",
+                 "retry_budget_s")
+
+
+def validate_reward_services(c: Config) -> None:
+    for name, entry in c.reward.services.items():
+        key = f"reward.services.{name}"
+        if isinstance(entry, str):
+            entry = {"address": entry}
+        if not isinstance(entry, dict):
+            raise ValueError(f"{key}: expected an address or a mapping of {', '.join(ROUTE_OPTIONS)}, got {entry!r}")
+        unknown = sorted(set(entry) - set(ROUTE_OPTIONS))
+        if unknown:
+            raise ValueError(f"{key}.{unknown[0]}: unknown option; known: {', '.join(ROUTE_OPTIONS)}")
+        if not str(entry.get("address", "")).strip():
+            raise ValueError(f"{key}.address: expected host:port of the service scoring {name!r}, got ''")
+        for option in ("deadline_s", "retry_budget_s"):
+            if option in entry:
+                entry[option] = _coerce(f"{key}.{option}", float, entry[option])
+        c.reward.services[name] = entry if set(entry) != {"address"} else entry["address"]
+
+
 def sampler_options(config: Config):
     """The sampling options every sampler reads what it needs from."""
     from epgrpo.trainer.samplers import SamplerOptions
@@ -314,6 +351,8 @@ def validate(c: Config) -> None:
          c.pruner.on_unavailable)
     need(c.sampling.num_steps >= 2, "sampling.num_steps", ">= 2", c.sampling.num_steps)
     need(c.sampling.shift > 0, "sampling.shift", "> 0", c.sampling.shift)
+    need(c.sampling.waves >= 1, "sampling.waves", ">= 1", c.sampling.waves)
+    validate_reward_services(c)
     need(0 < c.sampling.noise_level <= 2, "sampling.noise_level", "in (0, 2]", c.sampling.noise_level)
     need(0 < c.sampling.eta <= 2, "sampling.eta", "in (0, 2] (the rollout steps must be stochastic)", c.sampling.eta)
     need(c.prune.group_size >= 2, "prune.group_size", ">= 2", c.prune.group_size)
@@ -364,7 +403,7 @@ def sde_window_range(c: Config) -> tuple[int, int]:
 
 
 def validate_policy_options(c: Config, need) -> None:
-    """Model, SDE-window, optimisation and checkpoint options (issue 3)."""
+    """Model, SDE-window, optimisation and checkpoint options."""
     need(c.model.dtype in ("auto", "fp32", "bf16", "fp16"), "model.dtype", "auto | fp32 | bf16 | fp16", c.model.dtype)
     need(c.model.resolution >= 0, "model.resolution", ">= 0", c.model.resolution)
     need(c.model.max_sequence_length >= 1, "model.max_sequence_length", ">= 1", c.model.max_sequence_length)

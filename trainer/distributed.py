@@ -66,13 +66,26 @@ class Distributed:
             offset += n
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenation over ranks (rank order) of equally shaped tensors."""
+        """Concatenation over ranks (rank order); the first dimension may differ between ranks
+        (e.g. a rank whose groups went on unpruned keeps more trajectories)."""
         if self.world_size == 1:
             return tensor
+        counts = self.counts(len(tensor))
         local = tensor.contiguous().to(self._comm_device)
-        parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, local)
-        return torch.cat(parts).to(tensor.device)
+        padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=local.device)
+        padded[:len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(tensor.device)
+
+    def counts(self, count: int) -> list[int]:
+        """Every rank's ``count``, in rank order."""
+        if self.world_size == 1:
+            return [count]
+        mine = torch.tensor([count], dtype=torch.int64, device=self._comm_device)
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, mine)
+        return [int(p) for p in parts]
 
     def sum(self, values: list[float]) -> list[float]:
         if self.world_size == 1:

@@ -99,12 +99,16 @@ class LocalStack:
     """Reward + pruner services for one training run; a context manager that stops both."""
 
     def __init__(self, rewards: list[str], log_dir: Path, device: str = "cpu",
-                 decoders: dict[str, str] | None = None, decoder_device: str = "cpu"):
-        """``decoders``: preview decoders the pruner serves, name -> VAE directory (latent models)."""
+                 decoders: dict[str, str] | None = None, decoder_device: str = "cpu",
+                 reward_routes: dict[str, str] | None = None):
+        """``decoders``: preview decoders the pruner serves, name -> VAE directory (latent models);
+        ``reward_routes``: rewards the pruner scores at another service, name -> address."""
         self.services: list[LocalService] = []
-        vae_args = [arg for name, path in (decoders or {}).items() for arg in ("--vae", f"{name}={path}")]
-        if vae_args:
-            vae_args += ["--device", decoder_device, "--torch-threads", "1"]
+        pruner_args = [arg for name, address in (reward_routes or {}).items()
+                       for arg in ("--reward-route", f"{name}={address}")]
+        if decoders:
+            pruner_args += [arg for name, path in decoders.items() for arg in ("--vae", f"{name}={path}")]
+            pruner_args += ["--device", decoder_device, "--torch-threads", "1"]
         try:
             self.reward = self._start("reward", "epgrpo.services.reward.main",
                                       # one torch thread: the services share the machine with the trainer, and
@@ -112,7 +116,7 @@ class LocalStack:
                                       ["--rewards", ",".join(rewards), "--device", device, "--torch-threads", "1"],
                                       log_dir)
             self.pruner = self._start("pruner", "epgrpo.services.pruner.main",
-                                      ["--reward-address", self.reward.address, *vae_args], log_dir)
+                                      ["--reward-address", self.reward.address, *pruner_args], log_dir)
         except BaseException:
             self.stop()
             raise

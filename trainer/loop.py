@@ -9,6 +9,7 @@ import math
 import random
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from epgrpo.trainer.optimize import policy_update, trained_steps
 from epgrpo.trainer.policy.base import PolicyAdapter
 from epgrpo.trainer.pruning import FallbackPruneSession, select_or_keep_all
 from epgrpo.trainer.report import MetricsWriter, plot_curves, save_grid
-from epgrpo.trainer.rollout import RolloutResult, rollout, sample_eval, sample_seeds, sde_window, train_step_subset
+from epgrpo.trainer.rollout import RolloutResult, rollout_steps, sample_eval, sample_seeds, sde_window, train_step_subset
+from epgrpo.trainer.waves import concat_results, run_waves, split_waves
 
 log = logging.getLogger("epgrpo.trainer")
 
@@ -127,30 +129,56 @@ class Trainer:
         lo, hi = cfg.sde_window_range(self.c)
         return sde_window(s.num_steps, s.sde_window_size, lo, hi, self.c.train.seed, iteration)
 
-    def sample(self, iteration: int, prompts: list[str], first_group: int = 0) -> RolloutResult:
-        """This rank's groups; group ``g`` of the list is global group ``first_group + g``, and its
-        trajectories take the seeds of their global index (ranks never share noise, and the
-        samples do not depend on the number of ranks)."""
+    def sample_and_score(self, iteration: int, prompts: list[str], first_group: int = 0):
+        """This rank's groups, sampled in ``sampling.waves`` waves and scored as each wave ends.
+
+        Group ``g`` of the list is global group ``first_group + g``, and its trajectories take the
+        seeds of their global index (ranks never share noise, and the samples depend neither on the
+        number of ranks nor on the number of waves). Returns (batch, rewards, raw rewards per name,
+        rollout seconds).
+        """
         c = self.c
-        group_ids = [f"it{iteration}-g{first_group + g}" for g in range(len(prompts))]
         size = c.prune.group_size
         seeds = sample_seeds(c.train.seed, iteration, self.prompts_per_iteration * size)
-        seeds = seeds[first_group * size:(first_group + len(prompts)) * size]
-        kwargs = dict(seeds=seeds, sde_last_step=c.sampling.sde_last_step,
-                      group_ids=group_ids, sde_steps=self.sde_steps(iteration), batch_size=c.sampling.batch_size)
-        if not self.schedule:
-            return rollout(self.policy, prompts, c.prune.group_size, self.sampler, **kwargs)
         strategy = "random" if c.prune.mode == "random_prune" else "ovf"
-        rollout_id = f"it{iteration}-r{self.dist.rank}"
-        with self.pruner.open(self.schedule, c.sampling.num_steps, self.proxy_rewards, strategy,
-                              seed=c.prune.seed * 1_000_003 + iteration,
-                              decoder=self.preview_decoder,
-                              rollout_id=rollout_id) as stream:
-            session = FallbackPruneSession(stream, rollout_id) if c.pruner.on_unavailable == "no_prune" else stream
-            batch = rollout(self.policy, prompts, c.prune.group_size, self.sampler, schedule=self.schedule,
-                            pruner=session, **kwargs)
-            self.fallback_groups = len(getattr(session, "fallback_groups", ()))
-            return batch
+        waves = split_waves(len(prompts), c.sampling.waves)
+        sde_steps = self.sde_steps(iteration)
+        start = time.perf_counter()
+        scores: dict[int, Future] = {}
+        with contextlib.ExitStack() as stack:
+            executor = stack.enter_context(ThreadPoolExecutor(max_workers=2 * len(waves), thread_name_prefix="wave"))
+            rollouts, sessions = [], []
+            for k, wave in enumerate(waves):
+                groups = range(first_group + wave.start, first_group + wave.stop)  # global group indices
+                session = None
+                if self.schedule:
+                    rollout_id = f"it{iteration}-r{self.dist.rank}" + (f"-w{k}" if len(waves) > 1 else "")
+                    session = stack.enter_context(self.pruner.open(
+                        self.schedule, c.sampling.num_steps, self.proxy_rewards, strategy,
+                        seed=c.prune.seed * 1_000_003 + iteration, decoder=self.preview_decoder, rollout_id=rollout_id))
+                    if c.pruner.on_unavailable == "no_prune":
+                        session = FallbackPruneSession(session, rollout_id)
+                sessions.append(session)
+                rollouts.append(rollout_steps(
+                    self.policy, prompts[wave.start:wave.stop], size, self.sampler, schedule=self.schedule,
+                    seeds=seeds[groups.start * size:groups.stop * size], sde_last_step=c.sampling.sde_last_step,
+                    group_ids=[f"it{iteration}-g{g}" for g in groups], sde_steps=sde_steps,
+                    batch_size=c.sampling.batch_size, first_trajectory=wave.start * size))
+
+            def score(k: int, result: RolloutResult) -> None:  # decoded here, scored off this thread
+                images = self.policy.decode(result.final)
+                request_id = f"it{iteration}-r{self.dist.rank}" + (f"-w{k}" if len(waves) > 1 else "")
+                scores[k] = executor.submit(self.reward.score, images, result.prompts, self.rewards,
+                                            request_id=request_id)
+
+            results = run_waves(rollouts, sessions, executor, on_finish=score)
+            rollout_s = time.perf_counter() - start
+            scored = [scores[k].result() for k in range(len(waves))]
+        self.fallback_groups = sum(len(getattr(s, "fallback_groups", ())) for s in sessions)
+        batch = concat_results(results, [w.start for w in waves])
+        rewards = np.concatenate([r for r, _ in scored])
+        raw = {name: np.concatenate([named[name] for _, named in scored]) for name in scored[0][1]}
+        return batch, rewards, raw, rollout_s
 
     def select_after_sampling(self, batch: RolloutResult, rewards: np.ndarray, iteration: int) -> torch.Tensor:
         """full_ovf: the pruner picks each group's max-variance subset of the final rewards."""
@@ -178,10 +206,8 @@ class Trainer:
         per_rank = len(prompts) // dist.world_size
         first_group = dist.rank * per_rank
         self.policy.train(False)
-        batch = self.sample(iteration, prompts[first_group:first_group + per_rank], first_group)
-        rollout_s = time.perf_counter() - start
-        images = self.policy.decode(batch.final)
-        rewards, raw = self.reward.score(images, batch.prompts, self.rewards, request_id=f"it{iteration}-r{dist.rank}")
+        batch, rewards, raw, rollout_s = self.sample_and_score(iteration, prompts[first_group:first_group + per_rank],
+                                                               first_group)
         all_rewards = dist.gather(torch.from_numpy(rewards).double()).numpy()
         if c.prune.mode == "full_ovf":
             rows = self.select_after_sampling(batch, rewards, iteration)
@@ -200,14 +226,16 @@ class Trainer:
         self.nfe_cumulative += nfe
         self.nfe_full_cumulative += nfe_full
         record["nfe_cumulative"] = self.nfe_cumulative
-        if self.fallback_groups:
-            record["pruner_fallback_groups"] = self.fallback_groups
+        fallback_groups = int(dist.sum([self.fallback_groups])[0])  # over all ranks
+        if fallback_groups:
+            record["pruner_fallback_groups"] = fallback_groups
         if not torch.isfinite(kept_rewards).all():
             record["skipped"] = f"{int((~torch.isfinite(kept_rewards)).sum())} non-finite rewards; weights untouched"
             log.warning("iteration %d skipped: %s", iteration, record["skipped"])
         else:
             advantages = self.tracker.advantages([prompts[g] for g in kept_groups.tolist()], kept_rewards)
-            mine = slice(dist.rank * len(rewards), (dist.rank + 1) * len(rewards))
+            offset = sum(dist.counts(len(rewards))[:dist.rank])  # ranks may keep different numbers
+            mine = slice(offset, offset + len(rewards))
             train_steps = train_step_subset(trained_steps(batch), c.train.timestep_fraction, c.train.seed, iteration)
             train_start = time.perf_counter()
             stats = policy_update(self.policy, self.optimizer, batch, advantages[mine], self.sampler,
@@ -274,7 +302,7 @@ class Trainer:
 
     def checkpoint(self) -> Path:
         path = save_checkpoint(self, checkpoint_dir(self.out, self.completed_iteration))
-        if self.dist.is_main:
+        if self.dist.local_rank == 0:  # rank 0, and each node's first rank when out_dir is node-local
             prune_checkpoints(self.out, self.c.train.checkpoint_keep)
         return path
 

@@ -13,7 +13,7 @@ on which others are in the batch (pruned or not), on the batch size, or on the r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Generator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -94,7 +94,32 @@ def train_step_subset(steps: Sequence[int], fraction: float, seed: int, iteratio
     return sorted(steps[k] for k in chosen)
 
 
-def rollout(
+@dataclass
+class DecisionRequest:
+    """What a rollout needs answered before it goes on: survivors per group at ``step``."""
+
+    step: int
+    sigma: float
+    groups: list[GroupState]
+
+
+def rollout(policy: PolicyAdapter, prompts: Sequence[str], group_size: int, sampler: Sampler, *,
+            pruner: PruneSession | None = None, schedule: Sequence[tuple[int, int]] = (), **options) -> RolloutResult:
+    """Samples ``group_size`` trajectories per prompt; prunes per ``schedule`` [(step, keep)]:
+    at step s the pruner sees the previews of x_s and ``keep`` trajectories per group go on.
+    Options as ``rollout_steps``; the pruner's decisions are awaited in place."""
+    if schedule and pruner is None:
+        raise ValueError("pruner: a pruning schedule needs a pruner")
+    steps = rollout_steps(policy, prompts, group_size, sampler, schedule=schedule, **options)
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(pruner.decide(request.step, request.sigma, request.groups))
+    except StopIteration as done:
+        return done.value
+
+
+def rollout_steps(
     policy: PolicyAdapter,
     prompts: Sequence[str],
     group_size: int,
@@ -102,27 +127,28 @@ def rollout(
     *,
     seeds: Sequence[int],
     schedule: Sequence[tuple[int, int]] = (),
-    pruner: PruneSession | None = None,
     sde_last_step: bool = False,
     group_ids: Sequence[str] | None = None,
     record_previews: bool = False,
     sde_steps: Sequence[int] | None = None,
     batch_size: int = 0,
-) -> RolloutResult:
-    """Samples ``group_size`` trajectories per prompt; prunes per ``schedule`` [(step, keep)]:
-    at step s the pruner sees the previews of x_s and ``keep`` trajectories per group go on.
+    first_trajectory: int = 0,
+) -> Generator[DecisionRequest, dict[str, list[int]], RolloutResult]:
+    """The rollout as a generator: it yields a ``DecisionRequest`` at each pruning step, is sent the
+    survivor ids per group id, and returns the ``RolloutResult``. A driver can advance other
+    rollouts while a decision is in flight (``trainer/waves.py``).
 
     ``record_previews`` keeps every step's x0-preview (for analysis: proxy fidelity, what-if pruning).
     ``sde_steps``: the stochastic (trainable) steps, the others are deterministic ODE steps
     (Flow-GRPO-Fast's SDE window); default every step but the last (all with ``sde_last_step``).
     ``batch_size``: trajectories per transformer call (0 = every live one at once); bounds memory.
+    ``first_trajectory``: the id of this rollout's first trajectory (ids stay those of the whole
+    iteration when its groups are sampled in several waves).
     """
     num_steps = sampler.num_steps
     total = len(prompts) * group_size
     if len(seeds) != total:
         raise ValueError(f"seeds: expected {total} (one per trajectory), got {len(seeds)}")
-    if schedule and pruner is None:
-        raise ValueError("pruner: a pruning schedule needs a pruner")
     device = policy.device
     group_ids = list(group_ids) if group_ids is not None else [f"g{i}" for i in range(len(prompts))]
     group_of = torch.arange(total, device=device) // group_size
@@ -131,7 +157,8 @@ def rollout(
     def noise(rows: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.randn(policy.latent_shape, generator=generators[r]) for r in rows.tolist()]).to(device)
 
-    cond_all = policy.encode_prompts([p for p in prompts for _ in range(group_size)])
+    with torch.no_grad():
+        cond_all = policy.encode_prompts([p for p in prompts for _ in range(group_size)])
     latents = torch.zeros((total, num_steps + 1, *policy.latent_shape), device=device)
     log_probs = torch.full((total, num_steps), float("nan"), device=device)
     previews = torch.zeros((total, num_steps, *policy.latent_shape), device=device) if record_previews else None
@@ -143,23 +170,24 @@ def rollout(
         sde_steps = range(num_steps if sde_last_step else num_steps - 1)
     stochastic = set(sde_steps)
     nfe, survivors_per_step = 0, []
-    with torch.no_grad():
-        for i in range(num_steps):
+    for i in range(num_steps):
+        # no_grad per block, never across a yield: grad mode is global and other rollouts run in between
+        with torch.no_grad():
             survivors_per_step.append(len(live))
             out = batched_predict(policy, x, sampler.timestep(i), select(cond_all, live), batch_size)
             nfe += len(live) * policy.nfe_per_sample
             preview = sampler.x0(x, out, i)
             if previews is not None:
                 previews[live, i] = preview
-            if i in checkpoints:  # decide on the previews of x_i; the survivors take step i
-                groups = [
-                    GroupState(group_ids[g], live[group_of[live] == g].tolist(), preview[group_of[live] == g], prompts[g])
-                    for g in range(len(prompts))
-                ]
-                decisions = pruner.decide(i, sampler.noise_std(i), groups)
-                keep = torch.tensor(sorted(t for g in groups for t in decisions[g.group_id]), device=device)
-                rows = torch.searchsorted(live, keep)
-                live, x, out = keep, x[rows], out[rows]
+        if i in checkpoints:  # decide on the previews of x_i; the survivors take step i
+            groups = [GroupState(group_ids[g], (live[group_of[live] == g] + first_trajectory).tolist(),
+                                 preview[group_of[live] == g], prompts[g]) for g in range(len(prompts))]
+            decisions = yield DecisionRequest(i, sampler.noise_std(i), groups)
+            keep = torch.tensor(sorted(t - first_trajectory for g in groups for t in decisions[g.group_id]),
+                                device=device, dtype=live.dtype)
+            rows = torch.searchsorted(live, keep)
+            live, x, out = keep, x[rows], out[rows]
+        with torch.no_grad():
             if i in stochastic:
                 step = sampler.step(x, out, i, noise=noise(live))
                 x = step.sample
@@ -171,7 +199,7 @@ def rollout(
     return RolloutResult(
         prompts=[prompts[g] for g in group_of[kept].tolist()],
         group_index=group_of[kept],
-        trajectory_ids=kept,
+        trajectory_ids=kept + first_trajectory,
         latents=latents[kept],
         log_probs=log_probs[kept],
         nfe=nfe,

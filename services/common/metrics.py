@@ -8,6 +8,11 @@ Exported (``--metrics-port``, plain HTTP ``/metrics``):
 - ``epgrpo_batch_size{service,method}``: images per Score request, trajectories per pruning checkpoint;
 - ``epgrpo_pruner_trajectories_total{outcome=kept|pruned}``: the pruner's decisions.
 The interceptor sits outside the auth interceptor, so rejected calls are counted too.
+
+What a message counts for (items in a batch, ids for the access log, kept and pruned
+trajectories) is declared by each service for its own message classes, with
+:func:`request_items` and :func:`decision_counts` (see ``services/reward/metrics.py`` and
+``services/pruner/metrics.py``): a renamed message class breaks at import, never silently.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import grpc
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from epgrpo.services.common.handlers import behavior_of, iterate_responses, run_unary, with_behavior
@@ -27,6 +34,52 @@ log = logging.getLogger("epgrpo.access")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 _QUIET = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes: counted, logged at DEBUG only
+
+ItemsFn = Callable[[Any, dict], "int | None"]
+DecisionFn = Callable[[Any], "tuple[int, int]"]
+# Extractors by exact message class, registered by the services that own the messages.
+REQUEST_ITEMS: dict[type, ItemsFn] = {}
+DECISION_COUNTS: dict[type, DecisionFn] = {}
+
+
+def _message_class(message_type: type, what: str) -> type:
+    if not (isinstance(message_type, type) and issubclass(message_type, Message)):
+        raise TypeError(f"{what}: expected a protobuf message class, got {message_type!r}")
+    return message_type
+
+
+def _register(registry: dict, message_type: type, fn: Callable, what: str) -> None:
+    existing = registry.get(message_type)
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    if existing is not None and f"{existing.__module__}.{existing.__qualname__}" != name:  # (a reload is no conflict)
+        raise ValueError(f"{what}: {message_type.DESCRIPTOR.full_name} is already counted by "
+                         f"{existing.__module__}.{existing.__qualname__}, not {name}")
+    registry[message_type] = fn
+
+
+def request_items(message_type: type) -> Callable[[ItemsFn], ItemsFn]:
+    """Decorator: ``fn(message, ids) -> int | None`` counts the items (images, trajectories) of a
+    received ``message_type`` for ``epgrpo_batch_size`` (None: not a batch) and may note ids
+    (request_id, rollout_id, group_ids) in ``ids`` for the access log."""
+    _message_class(message_type, "request_items")
+
+    def register(fn: ItemsFn) -> ItemsFn:
+        _register(REQUEST_ITEMS, message_type, fn, "request_items")
+        return fn
+
+    return register
+
+
+def decision_counts(message_type: type) -> Callable[[DecisionFn], DecisionFn]:
+    """Decorator: ``fn(message) -> (kept, pruned)`` for ``epgrpo_pruner_trajectories`` from a sent
+    ``message_type``."""
+    _message_class(message_type, "decision_counts")
+
+    def register(fn: DecisionFn) -> DecisionFn:
+        _register(DECISION_COUNTS, message_type, fn, "decision_counts")
+        return fn
+
+    return register
 
 
 class ServiceMetrics:
@@ -68,7 +121,8 @@ class _Call:
     def received(self, message) -> None:
         self.messages_in += 1
         self.metrics.messages.labels(self.service, self.method, "in").inc()
-        n = _items(message, self.ids)
+        extract = REQUEST_ITEMS.get(type(message))
+        n = extract(message, self.ids) if extract is not None else None
         if n is not None:
             self.items += n
             self.metrics.batch_size.labels(self.service, self.method).observe(n)
@@ -76,29 +130,11 @@ class _Call:
     def sent(self, message) -> None:
         self.messages_out += 1
         self.metrics.messages.labels(self.service, self.method, "out").inc()
-        if type(message).__name__ == "PruneDecision":
-            kept = len(message.survivor_ids)
+        count = DECISION_COUNTS.get(type(message))
+        if count is not None:
+            kept, pruned = count(message)
             self.metrics.trajectories.labels("kept").inc(kept)
-            self.metrics.trajectories.labels("pruned").inc(max(0, len(message.proxy_scores) - kept))
-
-
-def _items(message, ids: dict) -> int | None:
-    """Items in a request message of our v1 protos (None for others), noting ids for the log."""
-    kind = type(message).__name__
-    if kind == "ScoreRequest":
-        if message.request_id:
-            ids.setdefault("request_id", message.request_id)
-        return int(message.images.shape[0]) if message.images.shape else 0
-    if kind == "PruneStreamRequest" and message.WhichOneof("message") == "open":
-        ids["rollout_id"] = message.open.rollout_id
-        return None
-    if kind in ("PruneStreamRequest", "PruneRequest") and message.HasField("checkpoint"):
-        checkpoint = message.checkpoint
-        groups = ids.setdefault("group_ids", [])
-        if checkpoint.group_id not in groups:
-            groups.append(checkpoint.group_id)
-        return len(checkpoint.trajectory_ids)
-    return None
+            self.metrics.trajectories.labels("pruned").inc(pruned)
 
 
 class _Context:

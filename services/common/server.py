@@ -25,8 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from epgrpo.protos.channel import DEFAULT_MAX_MESSAGE_BYTES
+from epgrpo.services.common.admission import BudgetInterceptor
 from epgrpo.services.common.auth import ServerSecurity, load_tokens
-from epgrpo.services.common.errors import status_for
+from epgrpo.services.common.budget import DEFAULT_WAIT_S, MemoryBudget, budget_bytes
+from epgrpo.services.common.errors import bounded, status_for
 from epgrpo.services.common.logs import FORMATS, configure_logging  # noqa: F401 - re-exported for mains
 from epgrpo.services.common.metrics import MetricsInterceptor, ServiceMetrics
 
@@ -45,6 +47,10 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no /metrics endpoint (metrics are still collected)
     metrics_host: str | None = None  # default: the gRPC host
     metrics_registry: object | None = None  # default: a fresh registry per server
+    # Bytes requests may hold in flight (services/common/budget.py); None: $EPGRPO_MAX_INFLIGHT_MB,
+    # else min(2 GiB, a quarter of the memory this process may use).
+    max_inflight_bytes: int | None = None
+    budget_wait_s: float = DEFAULT_WAIT_S
 
 
 @dataclass
@@ -55,6 +61,7 @@ class RunningServer:
     service_names: list[str] = field(default_factory=list)
     metrics: ServiceMetrics | None = None
     metrics_http: object | None = None  # the /metrics HTTP server, when one was asked for
+    budget: MemoryBudget | None = None  # the in-flight memory budget (admission.py)
 
     @property
     def metrics_port(self) -> int | None:
@@ -80,7 +87,7 @@ def map_errors(method):
         mapped = status_for(exc)
         if mapped is None:
             log.exception("unexpected error in %s", method.__qualname__)
-            mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            mapped = (grpc.StatusCode.INTERNAL, bounded(f"internal error: {type(exc).__name__}: {exc}"))
         await context.abort(*mapped)
 
     if inspect.isasyncgenfunction(method):
@@ -109,6 +116,26 @@ def map_errors(method):
     return unary_wrapper
 
 
+def _budget_metrics(metrics: ServiceMetrics, budget: MemoryBudget) -> Callable[[str], None]:
+    """Exports the budget (``epgrpo_inflight_budget_bytes``, ``epgrpo_inflight_bytes``: held now,
+    ``epgrpo_budget_rejections_total{service,method}``); returns the rejection counter's callback."""
+    from prometheus_client import Counter, Gauge
+
+    r = metrics.registry
+    Gauge("epgrpo_inflight_budget_bytes", "Bytes requests may hold in flight (--max-inflight-mb)",
+          registry=r).set(budget.capacity)
+    Gauge("epgrpo_inflight_bytes", "Bytes reserved by requests in flight now", registry=r).set_function(
+        lambda: budget.held)
+    rejections = Counter("epgrpo_budget_rejections", "Calls answered RESOURCE_EXHAUSTED by the memory budget",
+                         ["service", "method"], registry=r)
+
+    def on_reject(method: str) -> None:
+        service, _, name = method.lstrip("/").rpartition("/")
+        rejections.labels(service, name).inc()
+
+    return on_reject
+
+
 async def start_server(
     register: Callable[[grpc.aio.Server], Iterable[str]],
     config: ServerConfig,
@@ -120,9 +147,14 @@ async def start_server(
     config.security.check_bind(config.host, warn=False)  # server_config_from_args warned already
     credentials = config.security.credentials()  # unreadable cert files fail here, before binding
     metrics = ServiceMetrics(config.metrics_registry)
+    budget = MemoryBudget(config.max_inflight_bytes if config.max_inflight_bytes is not None else budget_bytes(),
+                          wait_s=config.budget_wait_s)
+    admission = BudgetInterceptor(budget, config.max_message_bytes, getattr(register, "budget_factors", None),
+                                  on_reject=_budget_metrics(metrics, budget))
     server = grpc.aio.server(
-        # Metrics outermost so calls the token check rejects are counted and logged too.
-        interceptors=[MetricsInterceptor(metrics), *config.security.interceptors(), *interceptors],
+        # Metrics outermost so calls the token check rejects are counted and logged too; the budget
+        # innermost, so a call the token check rejects never reads its message.
+        interceptors=[MetricsInterceptor(metrics), *config.security.interceptors(), *interceptors, admission],
         options=[
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -131,6 +163,10 @@ async def start_server(
             # default server policy (one ping per 5 min) would answer GOAWAY "too_many_pings" and
             # kill long pruning streams.
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            # A message nobody asked for yet stays at the peer beyond the 64 KiB stream window; BDP
+            # probing would grow that window to 16 MiB per call, outside the memory budget (measured;
+            # no slower on loopback: the window opens to the message's size once it is read).
+            ("grpc.http2.bdp_probe", 0),
         ],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -145,7 +181,7 @@ async def start_server(
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     await server.start()
-    running = RunningServer(server, port, health_servicer, names, metrics)
+    running = RunningServer(server, port, health_servicer, names, metrics, budget=budget)
     if config.metrics_port is not None:
         running.metrics_http = metrics.serve_http(config.metrics_port, config.metrics_host or config.host)
     await running.set_serving(True)
@@ -164,8 +200,10 @@ async def serve_until_signal(
 ) -> None:
     """Serves until SIGTERM/SIGINT, then NOT_SERVING, graceful stop, and ``on_stop``."""
     running = await start_server(register, config)
-    log.info("%s listening on %s:%d (%s)%s", name, config.host, running.port, config.security.describe(),
-             f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else "")
+    log.info("%s listening on %s:%d (%s)%s; in-flight memory budget %.0f MiB", name, config.host, running.port,
+             config.security.describe(),
+             f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else "",
+             running.budget.capacity / 2**20)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -197,7 +235,12 @@ def add_server_arguments(parser, default_port: int) -> None:
     parser.add_argument("--max-message-mb", type=float, default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
                         help="largest request/response accepted, MiB (default %(default)s)")
     parser.add_argument("--max-concurrent-rpcs", type=int, default=256,
-                        help="RPCs in flight before new ones get RESOURCE_EXHAUSTED (default %(default)s)")
+                        help="RPCs handled at once (grpc's maximum_concurrent_rpcs); the memory they may hold is "
+                             "bounded by --max-inflight-mb (default %(default)s)")
+    parser.add_argument("--max-inflight-mb", type=float, default=None,
+                        help="memory budget: MiB that requests may hold in flight at once; a request that would "
+                             "exceed it waits briefly, then gets RESOURCE_EXHAUSTED (retryable) (default: "
+                             "$EPGRPO_MAX_INFLIGHT_MB, else min(2048, a quarter of the memory available))")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight RPCs on SIGTERM")
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     env = os.environ.get
@@ -233,6 +276,7 @@ def server_config_from_args(args) -> ServerConfig:
                                   args.allow_insecure_remote)
         security.check_bind(args.host)
         security.credentials()
+        max_inflight_bytes = budget_bytes(args.max_inflight_mb)
     except (ValueError, OSError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -243,6 +287,7 @@ def server_config_from_args(args) -> ServerConfig:
         port=args.port,
         max_message_bytes=int(args.max_message_mb * 2**20),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_inflight_bytes=max_inflight_bytes,
         grace_s=args.grace,
         port_file=args.port_file,
         security=security,

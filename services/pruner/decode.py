@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from epgrpo.services.common.errors import InvalidArgument
+from epgrpo.services.common.errors import InvalidArgument, show
 
 DEFAULT_DECODER = "pixel"
 
@@ -60,7 +60,8 @@ def get_decoder(name: str, field: str = "decoder") -> Decoder:
             return _INSTANCES[name]
         factory = _FACTORIES.get(name)
         if factory is None:
-            raise InvalidArgument(f"{field}: unknown decoder {name!r}; expected one of {', '.join(decoder_names())}")
+            raise InvalidArgument(f"{field}: unknown decoder {show(name)}; "
+                                  f"expected one of {', '.join(decoder_names())}")
         _INSTANCES[name] = factory()
         return _INSTANCES[name]
 

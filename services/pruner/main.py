@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import grpc
 
@@ -17,25 +17,32 @@ from epgrpo.protos.v1 import pruner_pb2_grpc
 from epgrpo.services.common.server import (add_server_arguments, configure_logging, run, serve_until_signal,
                                            server_config_from_args)
 from epgrpo.services.pruner.decode import parse_vae_spec, register_vae_decoder
-from epgrpo.services.pruner.proxy import DEFAULT_DEADLINE_S, ProxyScorer
+from epgrpo.services.pruner.proxy import DEFAULT_DEADLINE_S, ProxyScorer, RoutedScorer
 from epgrpo.services.pruner.servicer import PrunerServicer
 
 DEFAULT_PORT = 50052
 DEFAULT_REWARD_ADDRESS = "127.0.0.1:50051"
+PREVIEW_WORKING_SET_FACTOR = 5.5
 
 
 def build_registrar(
     reward_address: str, reward_deadline_s: float = DEFAULT_DEADLINE_S,
-    reward_security: ChannelSecurity = ChannelSecurity(),
+    reward_security: ChannelSecurity = ChannelSecurity(), reward_routes: Mapping[str, str] | None = None,
 ) -> Callable[[grpc.aio.Server], Iterable[str]]:
     """A ``register(server)`` for ``start_server``; ``register.servicer`` / ``.scorer`` expose the parts.
 
-    The reward channel is created by the scorer on its first call, inside the serving loop.
+    ``reward_routes``: reward name -> address of the service that scores it (default: reward_address).
+    Reward channels are created by the scorers on their first call, inside the serving loop.
     """
-    target_for(reward_address)  # a malformed address fails here, at startup, not on the first preview
-    reward_security.credentials()  # and so do unreadable certificate files
-    scorer = ProxyScorer(lambda: create_channel(reward_address, [REWARD_SERVICE], aio=True, security=reward_security),
-                         deadline_s=reward_deadline_s, address=reward_address)
+    reward_security.credentials()  # unreadable certificate files fail here, at startup
+
+    def scorer_for(address: str) -> ProxyScorer:
+        target_for(address)  # a malformed address fails here, at startup, not on the first preview
+        return ProxyScorer(lambda: create_channel(address, [REWARD_SERVICE], aio=True, security=reward_security),
+                           deadline_s=reward_deadline_s, address=address)
+
+    scorers = {address: scorer_for(address) for address in {reward_address, *(reward_routes or {}).values()}}
+    scorer = RoutedScorer(scorers[reward_address], {name: scorers[a] for name, a in (reward_routes or {}).items()})
     servicer = PrunerServicer(scorer)
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -44,7 +51,20 @@ def build_registrar(
 
     register.servicer = servicer
     register.scorer = scorer
+    # Bytes held per request byte while a checkpoint is served (services/common/admission.py): the
+    # message, its previews as an array, the pixel decoder's float temporaries, the uint8 images
+    # and their Score requests upstream; measured 5.2x for float32 previews (tests/test_memory_budget.py).
+    register.budget_factors = {f"/{PRUNER_SERVICE}/PruneRollout": PREVIEW_WORKING_SET_FACTOR,
+                               f"/{PRUNER_SERVICE}/Prune": PREVIEW_WORKING_SET_FACTOR}
     return register
+
+
+def parse_route(spec: str) -> tuple[str, str]:
+    """'NAME=ADDRESS' -> (name, address)."""
+    name, sep, address = spec.partition("=")
+    if not (sep and name.strip() and address.strip()):
+        raise ValueError(f"--reward-route: expected NAME=ADDRESS, got {spec!r}")
+    return name.strip(), address.strip()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reward-address", default=default_reward,
                         help="reward service host:port, or several comma-separated replicas (round robin); "
                              "default: env EPGRPO_REWARD_ADDRESS, else %(default)s")
+    parser.add_argument("--reward-route", action="append", metavar="NAME=ADDRESS",
+                        default=[r for r in os.environ.get("EPGRPO_REWARD_ROUTES", "").split(",") if r.strip()],
+                        help="score reward NAME with the reward service at ADDRESS instead of --reward-address "
+                             "(a reward in its own service, e.g. one whose packages conflict with ours); repeatable; "
+                             "the same TLS and token options apply (default: comma-separated $EPGRPO_REWARD_ROUTES)")
     parser.add_argument("--reward-deadline", type=float, default=DEFAULT_DEADLINE_S,
                         help="seconds allowed per reward-service call before the pruner answers UNAVAILABLE (default %(default)s)")
     env = os.environ.get
@@ -99,7 +124,8 @@ def main(argv=None) -> int:
         security = ChannelSecurity(args.reward_tls_ca, args.reward_tls_cert, args.reward_tls_key,
                                    args.reward_tls_server_name,
                                    read_token(args.reward_token_file, ("EPGRPO_REWARD_TOKEN", "EPGRPO_TOKEN")))
-        register = build_registrar(args.reward_address, args.reward_deadline, security)
+        register = build_registrar(args.reward_address, args.reward_deadline, security,
+                                   dict(parse_route(spec) for spec in args.reward_route))
         for spec in args.vae:
             register_vae_decoder(*parse_vae_spec(spec), device=args.device, dtype=args.vae_dtype)
     except ValueError as e:

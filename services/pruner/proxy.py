@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from typing import Callable, Mapping, Sequence
 
 import grpc
 import numpy as np
 
 from epgrpo.protos import codec
+from epgrpo.protos.channel import is_budget_rejection
 from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc, tensor_pb2
 from epgrpo.services.common.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger("epgrpo.pruner.proxy")
 
 DEFAULT_DEADLINE_S = 30.0
-# Per Score call; well under the channels' 64 MiB limit (see protos/channel.py).
-DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
-DEFAULT_MAX_IMAGES = 256
+# Backoff between Score attempts the reward service's memory budget turned away (within the deadline).
+BUDGET_INITIAL_BACKOFF_S = 0.1
+BUDGET_MAX_BACKOFF_S = 2.0
+DEFAULT_MAX_REQUEST_BYTES = codec.DEFAULT_MAX_REQUEST_BYTES  # per Score call (see codec.batch_slices)
+DEFAULT_MAX_IMAGES = codec.DEFAULT_MAX_REQUEST_ITEMS
 # Rejections that are about what the pruner's client asked for, not about the reward service.
 _CLIENT_FAULT_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 
@@ -73,13 +77,12 @@ class ProxyScorer:
         n = int(images_uint8.shape[0])
         if n == 0:
             return np.zeros(0)
-        per_image = max(1, images_uint8[:1].nbytes)
-        size = max(1, min(self.max_images, self.max_request_bytes // per_image))
+        slices = codec.batch_slices(n, images_uint8[:1].nbytes, self.max_request_bytes, self.max_images)
         specs = [tensor_pb2.RewardSpec(name=name, weight=weight) for name, weight in rewards]
         calls = [
-            self._score_chunk(images_uint8[lo:lo + size], prompts[lo:lo + size], metadata[lo:lo + size], specs,
-                              request_id if n <= size else f"{request_id}#{lo // size}")
-            for lo in range(0, n, size)
+            self._score_chunk(images_uint8[part], prompts[part], metadata[part], specs,
+                              request_id if len(slices) == 1 else f"{request_id}#{k}")
+            for k, part in enumerate(slices)
         ]
         if len(calls) == 1:
             return await calls[0]
@@ -101,7 +104,7 @@ class ProxyScorer:
             request_id=request_id,
         )
         try:
-            response = await self._get_stub().Score(request, timeout=self.deadline_s)
+            response = await self._score_with_backoff(request, request_id)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code in _CLIENT_FAULT_CODES:
@@ -119,7 +122,57 @@ class ProxyScorer:
             )
         return scores
 
+    async def _score_with_backoff(self, request: reward_pb2.ScoreRequest, request_id: str) -> reward_pb2.ScoreResponse:
+        """One Score call; a rejection by the reward service's full memory budget is retried with
+        jittered exponential backoff until ``deadline_s`` has passed since the first attempt (any
+        other failure, and a too-large message, is raised at once)."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.deadline_s
+        backoff = BUDGET_INITIAL_BACKOFF_S
+        while True:
+            try:
+                return await self._get_stub().Score(request, timeout=max(0.05, give_up_at - loop.time()))
+            except grpc.aio.AioRpcError as exc:
+                wait = min(backoff * random.uniform(0.5, 1.0), give_up_at - loop.time())
+                if not is_budget_rejection(exc) or wait <= 0:
+                    raise
+                log.info("reward service over its memory budget for %s; retrying in %.2f s", request_id, wait)
+                await asyncio.sleep(wait)
+                backoff = min(2 * backoff, BUDGET_MAX_BACKOFF_S)
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = self._loop = None
+
+
+class RoutedScorer:
+    """Proxy rewards spread over several reward services (``--reward-route NAME=ADDRESS``): each
+    reward is scored by its route, or by the default service; the combined score is the sum of the
+    services' weighted sums, which is the one service's combination (a weighted sum) split by reward."""
+
+    def __init__(self, default: ProxyScorer, routes: Mapping[str, ProxyScorer]):
+        self.default = default
+        self.routes = dict(routes)
+
+    def split(self, rewards: Sequence[tuple[str, float]]) -> list[tuple[ProxyScorer, list[tuple[str, float]]]]:
+        """(scorer, its rewards) in order of first appearance."""
+        parts: dict[int, tuple[ProxyScorer, list]] = {}
+        for name, weight in rewards:
+            scorer = self.routes.get(name, self.default)
+            parts.setdefault(id(scorer), (scorer, []))[1].append((name, weight))
+        return list(parts.values())
+
+    async def score(self, images_uint8: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, str]],
+                    rewards: Sequence[tuple[str, float]], request_id: str = "") -> np.ndarray:
+        parts = self.split(rewards)
+        if len(parts) == 1:
+            scorer, specs = parts[0]
+            return await scorer.score(images_uint8, prompts, metadata, specs, request_id)
+        scores = await asyncio.gather(*(scorer.score(images_uint8, prompts, metadata, specs, f"{request_id}@{k}")
+                                        for k, (scorer, specs) in enumerate(parts)))
+        return np.sum(scores, axis=0)
+
+    async def close(self) -> None:
+        for scorer in {id(s): s for s in (self.default, *self.routes.values())}.values():
+            await scorer.close()

@@ -16,8 +16,9 @@ import numpy as np
 
 from epgrpo.protos import codec
 from epgrpo.protos.v1 import pruner_pb2, pruner_pb2_grpc
-from epgrpo.services.common.errors import FailedPrecondition, InvalidArgument
+from epgrpo.services.common.errors import FailedPrecondition, InvalidArgument, show
 from epgrpo.services.common.server import map_errors
+from epgrpo.services.pruner import metrics as _metrics  # noqa: F401 - registers this service's metric extractors
 from epgrpo.services.pruner.decode import Decoder, decoder_descriptions, get_decoder
 from epgrpo.services.pruner.proxy import ProxyScorer
 from epgrpo.services.pruner.session import RolloutSession, check_ids, check_scores, select_survivors, strategy_or_raise
@@ -114,8 +115,8 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         try:
             async for request in requests:
                 if request.WhichOneof("message") != "checkpoint":
-                    raise FailedPrecondition(f"message: rollout {rollout} is already open; expected 'checkpoint', "
-                                             f"got {request.WhichOneof('message')!r}")
+                    raise FailedPrecondition(f"message: rollout {show(rollout)} is already open; "
+                                             f"expected 'checkpoint', got {request.WhichOneof('message')!r}")
                 checkpoint = request.checkpoint
                 keep, ids = session.validate(checkpoint.group_id, checkpoint.step, checkpoint.trajectory_ids)
                 request_id = f"{rollout}/{checkpoint.group_id}/step{checkpoint.step}"

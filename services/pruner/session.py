@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from epgrpo.services.common.errors import FailedPrecondition, InvalidArgument
+from epgrpo.services.common.errors import FailedPrecondition, InvalidArgument, show
 from epgrpo.services.pruner import ovf
 
 
@@ -138,21 +138,21 @@ class RolloutSession:
         expected = self.expected_step(group_id)
         if expected is None:
             raise FailedPrecondition(
-                f"checkpoint.step: group {group_id!r} has passed every scheduled checkpoint "
+                f"checkpoint.step: group {show(group_id)} has passed every scheduled checkpoint "
                 f"(last at step {self.schedule[-1].step}), got step {step}"
             )
         if step != expected:
             after = "" if state.last_step is None else f" after step {state.last_step}"
             raise FailedPrecondition(
-                f"checkpoint.step: expected step {expected} (group {group_id!r}'s next scheduled checkpoint{after}), "
-                f"got {step}"
+                f"checkpoint.step: expected step {expected} (group {show(group_id)}'s next scheduled "
+                f"checkpoint{after}), got {step}"
             )
         keep = self.schedule[state.next_index].keep
         ids = check_ids(trajectory_ids)
         if state.live_ids is None:
             if len(ids) < keep:
                 raise InvalidArgument(
-                    f"checkpoint.trajectory_ids: expected at least keep={keep} ids at group {group_id!r}'s "
+                    f"checkpoint.trajectory_ids: expected at least keep={keep} ids at group {show(group_id)}'s "
                     f"first checkpoint, got {len(ids)}"
                 )
         elif set(ids) != set(state.live_ids):
@@ -160,6 +160,6 @@ class RolloutSession:
             missing = sorted(set(state.live_ids) - set(ids))
             raise FailedPrecondition(
                 f"checkpoint.trajectory_ids: expected exactly the {len(state.live_ids)} survivors of step "
-                f"{state.last_step} for group {group_id!r}; unknown ids {unknown}, missing ids {missing}"
+                f"{state.last_step} for group {show(group_id)}; unknown ids {unknown}, missing ids {missing}"
             )
         return keep, ids

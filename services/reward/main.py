@@ -56,6 +56,7 @@ def build_registrar(
     device: str = "cpu",
     max_batch: int = 1024,
     batching: BatchingConfig | None = None,
+    workers: int = 1,
 ) -> Callable[[grpc.aio.Server], list[str]]:
     """Constructs the backends now (an unknown name or a bad option fails here, before any port is
     bound) and returns ``register(server)`` adding the RewardService, for ``start_server``.
@@ -71,7 +72,7 @@ def build_registrar(
         log.info("dynamic batching: up to %d images per call, %.1f ms max delay", batching.max_size, batching.max_delay_ms)
 
     def register(server: grpc.aio.Server) -> list[str]:
-        servicer = RewardServicer(scorer, batching)
+        servicer = RewardServicer(scorer, batching, workers)
         reward_pb2_grpc.add_RewardServiceServicer_to_server(servicer, server)
         # The Open Inference Protocol on the same port: stock clients (tritonclient, KServe) call it.
         oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(servicer), server)
@@ -109,6 +110,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="most images per Score request; larger ones get RESOURCE_EXHAUSTED (default %(default)s)")
     parser.add_argument("--device", default="auto",
                         help="where models run: auto (cuda when available), cpu, or cuda[:index] (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("EPGRPO_REWARD_WORKERS", "1")),
+                        help="threads scoring requests in parallel (default: $EPGRPO_REWARD_WORKERS, else 1); CPU "
+                             "rewards that release the GIL (jpeg_*) use one core each; model rewards still run one "
+                             "call at a time")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="intra-op CPU threads for torch models (default 0: torch's choice); 1 avoids "
                         "slowdowns when other processes share few cores")
@@ -157,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cls = backend_class(name)
             print(f"{name}: {cls.description}\n    inputs: {cls.inputs}; range: {cls.range}")
         return 0
+    if args.workers < 1:
+        print(f"epgrpo-reward: error: --workers: expected >= 1, got {args.workers}", file=sys.stderr)
+        return 2
     if args.torch_threads > 0:
         import torch
 
@@ -164,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = server_config_from_args(args)  # security problems (e.g. 0.0.0.0 without TLS/token) stop here
     try:
         entries, batching = resolve_rewards(args)
-        register = build_registrar(entries, device=args.device, max_batch=args.max_batch, batching=batching)
+        register = build_registrar(entries, device=args.device, max_batch=args.max_batch, batching=batching,
+                                   workers=args.workers)
     except (ServiceError, ValueError) as exc:
         print(f"epgrpo-reward: error: {exc}", file=sys.stderr)
         return 2

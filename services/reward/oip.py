@@ -14,7 +14,7 @@ import numpy as np
 from epgrpo.protos.codec import WireError
 from epgrpo.protos.oip_codec import decode_tensor
 from epgrpo.protos.v1 import oip_pb2, oip_pb2_grpc
-from epgrpo.services.common.errors import InvalidArgument, NotFound
+from epgrpo.services.common.errors import InvalidArgument, NotFound, show
 from epgrpo.services.common.server import map_errors
 from epgrpo.services.reward.servicer import RewardServicer
 
@@ -40,9 +40,9 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
     def _model(self, name: str, version: str, field: str) -> str:
         if name not in self.rewards.scorer.backends:
             served = ", ".join(sorted(self.rewards.scorer.backends))
-            raise NotFound(f"{field}: no model {name!r}; this server's models (rewards) are: {served}")
+            raise NotFound(f"{field}: no model {show(name)}; this server's models (rewards) are: {served}")
         if version not in ("", MODEL_VERSION):
-            raise NotFound(f"{field}: model {name!r} has only version {MODEL_VERSION}, not {version!r}")
+            raise NotFound(f"{field}: model {name!r} has only version {MODEL_VERSION}, not {show(version)}")
         return name
 
     @map_errors
@@ -78,7 +78,8 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         name = self._model(request.model_name, request.model_version, "model_name")
         for i, output in enumerate(request.outputs):
             if output.name != SCORE:
-                raise InvalidArgument(f"outputs[{i}].name: model {name!r} has one output, {SCORE}; got {output.name!r}")
+                raise InvalidArgument(f"outputs[{i}].name: model {name!r} has one output, {SCORE}; "
+                                      f"got {show(output.name)}")
         images, prompts = self._inputs(request)
         _, per_reward = await self.rewards.compute(images, prompts, [], [(name, 1.0)])
         scores = per_reward[0][2].astype("<f4")
@@ -96,10 +97,11 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         tensors = {}
         for i, tensor in enumerate(request.inputs):
             if tensor.name not in (IMAGES, PROMPTS):
-                raise InvalidArgument(f"inputs[{i}].name: expected {IMAGES} or {PROMPTS}, got {tensor.name!r}")
+                raise InvalidArgument(f"inputs[{i}].name: expected {IMAGES} or {PROMPTS}, got {show(tensor.name)}")
             expected = "UINT8" if tensor.name == IMAGES else "BYTES"
             if tensor.datatype != expected:
-                raise InvalidArgument(f"inputs[{i}].datatype: {tensor.name} must be {expected}, got {tensor.datatype!r}")
+                raise InvalidArgument(f"inputs[{i}].datatype: {tensor.name} must be {expected}, "
+                                      f"got {show(tensor.datatype)}")
             try:
                 tensors[tensor.name] = decode_tensor(tensor.name, tensor.datatype, list(tensor.shape),
                                                      raw[i] if raw else None, tensor.contents)

@@ -6,13 +6,15 @@ error names the offending field ('rewards[1].name: ...', 'prompts: ...').
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import threading
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from epgrpo.services.common.errors import InvalidArgument, ResourceExhausted, ServiceError
+from epgrpo.services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, show
 from epgrpo.services.reward.backends.base import RewardBackend, check_batch
 
 
@@ -28,6 +30,8 @@ class RewardScorer:
             raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
         self.backends = dict(backends)
         self.max_batch = max_batch
+        # models are never called from two threads at once; backends marked ``concurrent`` may be
+        self._locks = {name: threading.Lock() for name, b in self.backends.items() if not b.concurrent}
 
     def describe(self) -> list[dict[str, str]]:
         """name / description / inputs / range of every served reward, by name."""
@@ -53,10 +57,12 @@ class RewardScorer:
         for i, (name, weight) in enumerate(specs):
             if name not in self.backends:
                 raise InvalidArgument(
-                    f"rewards[{i}].name: unknown reward {name!r}; this instance serves: {', '.join(sorted(self.backends))}"
+                    f"rewards[{i}].name: unknown reward {show(name)}; "
+                    f"this instance serves: {', '.join(sorted(self.backends))}"
                 )
             if name in seen:
-                raise InvalidArgument(f"rewards[{i}].name: duplicate reward {name!r} (already at rewards[{seen[name]}])")
+                raise InvalidArgument(f"rewards[{i}].name: duplicate reward {show(name)} "
+                                      f"(already at rewards[{seen[name]}])")
             seen[name] = i
             # Negative weights are refused: every reward is "higher is better", and a sign flip hidden
             # in a weight is how a combined reward silently optimises the wrong way.
@@ -82,7 +88,8 @@ class RewardScorer:
         """One backend's raw float32 [N] scores of a validated batch, checked for shape and finiteness.
         (The dynamic batcher calls this on merged batches.)"""
         n = len(images)
-        raw = np.asarray(self.backends[name].score(images, list(prompts), metadata), dtype=np.float32)
+        with self._locks.get(name) or contextlib.nullcontext():
+            raw = np.asarray(self.backends[name].score(images, list(prompts), metadata), dtype=np.float32)
         if raw.shape != (n,):
             raise RewardBackendError(f"reward {name!r} returned shape {list(raw.shape)}, expected [{n}]")
         if not np.isfinite(raw).all():

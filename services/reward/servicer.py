@@ -14,6 +14,7 @@ import grpc
 from epgrpo.protos.codec import to_numpy
 from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc
 from epgrpo.services.common.server import map_errors
+from epgrpo.services.reward import metrics as _metrics  # noqa: F401 - registers this service's metric extractors
 from epgrpo.services.reward.batching import DynamicBatcher
 from epgrpo.services.reward.config import BatchingConfig
 from epgrpo.services.reward.scorer import RewardScorer
@@ -24,11 +25,12 @@ SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, scorer: RewardScorer, batching: BatchingConfig | None = None):
+    def __init__(self, scorer: RewardScorer, batching: BatchingConfig | None = None, workers: int = 1):
         self.scorer = scorer
-        # One worker thread: models are never called concurrently, and the event loop stays
-        # free for health checks and other RPCs while a batch is scored.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-scorer")
+        # Scoring runs off the event loop (which stays free for health checks and other RPCs) on
+        # ``workers`` threads; the scorer keeps models one call at a time, so only backends marked
+        # ``concurrent`` (CPU work that releases the GIL) score several requests in parallel.
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward-scorer")
         self.batchers: dict[str, DynamicBatcher] = {}
         if batching is not None and batching.enabled:
             self.batchers = {

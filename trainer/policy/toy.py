@@ -1,8 +1,8 @@
 """The embedded default: a tiny digit-prompted flow-matching transformer in pixel space.
 
-A diffusers ``SD3Transformer2DModel`` (3 layers, 439k parameters) generates 16x16 gray digits
-conditioned on learned per-digit embeddings (4 tokens + a pooled vector) standing in for a text
-encoder. It is pretrained with rectified flow on scikit-learn's bundled 8x8 digits (upsampled),
+A diffusers ``SD3Transformer2DModel`` (3 layers, 436k parameters) generates 16x16 gray digits
+conditioned on learned per-digit embeddings (4 tokens + a pooled vector, 3.2k parameters) standing
+in for a text encoder. It is pretrained with rectified flow on scikit-learn's bundled 8x8 digits (upsampled),
 saved with ``save_pretrained`` and loaded back with ``from_pretrained(local_files_only=True)`` -
 the same loading path a real checkpoint takes. The pretrained base is cached, keyed by its recipe.
 """

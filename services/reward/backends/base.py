@@ -55,6 +55,9 @@ class RewardBackend(abc.ABC):
     description: ClassVar[str] = ""
     inputs: ClassVar[str] = ""  # what it needs besides the image
     range: ClassVar[str] = ""  # e.g. "[0, 1]", or "(-inf, 0]"
+    #: safe to call from several threads at once, with work that releases the GIL (CPU backends such
+    #: as JPEG): ``epgrpo-reward --workers N`` then scores N requests in parallel. Others run one at a time.
+    concurrent: ClassVar[bool] = False
 
     def __init__(self, device: str = "cpu"):
         self.device = device

@@ -1,8 +1,7 @@
 """Training data for the digit CNN: augmented real digits and generated "not a digit" junk.
 
-The junk families are what an RL policy finds when it games a digit classifier (DESIGN.md
-section 6: saturated blobs, checkerboards at the transformer's patch size) plus the other
-obvious non-digits. Everything draws from an explicit ``torch.Generator`` so training is
+The junk families are what an RL policy finds when it games a digit classifier (saturated
+blobs, checkerboards at the transformer's patch size) plus the other obvious non-digits. Everything draws from an explicit ``torch.Generator`` so training is
 deterministic. Images are float [N, 1, 16, 16] in [0, 1], on uint8 levels.
 """
 

@@ -1,9 +1,9 @@
 """Digit rewards for the embedded toy task (scikit-learn's 8x8 handwritten digits).
 
 ``digit``: P(image shows the prompted digit) from a small CNN on 16x16 grayscale, trained on
-first use and cached as safetensors. An RL policy games weak classifiers (saturated blobs,
-patch-size checkerboards; DESIGN.md section 6), so the CNN has an 11th "not a digit" class
-trained on generated junk, and real digits are augmented.
+first use and cached as safetensors. An RL policy games a weak classifier with images no one
+would call a digit (saturated blobs, checkerboards at the transformer's patch size), so the CNN
+has an 11th "not a digit" class trained on generated junk, and real digits are augmented.
 
 ``digit_judge``: an independent RBF SVC on 8x8 area-averaged images, for evaluation only
 (never trained against).
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from epgrpo.services.common.errors import InvalidArgument
+from epgrpo.services.common.errors import InvalidArgument, show
 from epgrpo.services.reward.backends import digit_data
 from epgrpo.services.reward.backends.base import RewardBackend, register_backend
 
@@ -58,13 +58,13 @@ def parse_target_digits(prompts: Sequence[str], metadata: Sequence[dict[str, str
         if "digit" in fields:
             value = str(fields["digit"]).strip()
             if len(value) != 1 or value not in "0123456789":
-                raise InvalidArgument(f"metadata[{i}].digit: expected a digit 0-9, got {fields['digit']!r}")
+                raise InvalidArgument(f"metadata[{i}].digit: expected a digit 0-9, got {show(fields['digit'])}")
             targets[i] = int(value)
             continue
         # Numerals win over words, so "one handwritten digit 7" means 7.
         found = {int(m) for m in _NUMERAL.findall(prompt)} or {_WORDS.index(m.lower()) for m in _WORD.findall(prompt)}
         if len(found) != 1:
-            raise InvalidArgument(f"prompts[{i}]: expected a prompt naming a digit 0-9, got {prompt!r}")
+            raise InvalidArgument(f"prompts[{i}]: expected a prompt naming a digit 0-9, got {show(prompt, 100)}")
         targets[i] = found.pop()
     return targets
 

@@ -26,6 +26,7 @@ def jpeg_sizes_kb(images: np.ndarray) -> np.ndarray:
 
 @register_backend("jpeg_compressibility")
 class JpegCompressibility(RewardBackend):
+    concurrent = True  # PIL encodes without the GIL; no shared state
     description = "Negative JPEG size (PIL, quality 95) in kB: simpler, flatter images score higher (DDPO)."
     inputs = "image only (prompt ignored)"
     range = "(-inf, 0)"
@@ -36,6 +37,7 @@ class JpegCompressibility(RewardBackend):
 
 @register_backend("jpeg_incompressibility")
 class JpegIncompressibility(RewardBackend):
+    concurrent = True
     description = "JPEG size (PIL, quality 95) in kB: detailed, noisy images score higher (DDPO)."
     inputs = "image only (prompt ignored)"
     range = "(0, inf)"

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from epgrpo.services.common.errors import InvalidArgument
+from epgrpo.services.common.errors import InvalidArgument, show
 from epgrpo.services.reward.backends.base import RewardBackend, register_backend
 
 log = logging.getLogger("epgrpo.reward.ocr")
@@ -36,7 +36,8 @@ def quoted_text(prompts: Sequence[str], metadata: Sequence[dict[str, str]]) -> l
         else:
             match = _QUOTED.search(prompt)
             if match is None:
-                raise InvalidArgument(f'prompts[{i}]: expected the text to render in double quotes, e.g. \'a sign that says "OPEN"\', got {prompt!r}')
+                raise InvalidArgument(f'prompts[{i}]: expected the text to render in double quotes, e.g. '
+                                      f'\'a sign that says "OPEN"\', got {show(prompt, 100)}')
             text, where = match.group(1) if match.group(1) is not None else match.group(2), f"prompts[{i}]"
         if not normalise(text):
             raise InvalidArgument(f"{where}: the text to render is empty")
