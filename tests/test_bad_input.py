@@ -112,7 +112,8 @@ scores = st.lists(floats, max_size=60)
 @st.composite
 def checkpoints(draw):
     c = pruner_pb2.GroupCheckpoint(group_id=draw(st.sampled_from(["g0", "g1", ""])), step=draw(st.integers(-1, 12)),
-                                   sigma=draw(floats), trajectory_ids=draw(ids), prompts=draw(prompts))
+                                   sigma=draw(floats), trajectory_ids=draw(ids), prompts=draw(prompts),
+                                   group_size=draw(st.sampled_from([0, 0, 0, -1, 2, 30, 60])))
     kind = draw(st.sampled_from(["scores", "previews", "none"]))
     if kind == "scores":
         c.scores.values.extend(draw(scores))

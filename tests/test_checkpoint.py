@@ -87,6 +87,15 @@ def test_checkpoint_holds_no_pickle_and_resume_latest(services, tiny_policy_fact
     assert set(weights) == set(trainer.policy.state_dict()) and all("lora" in k for k in weights)
     state = json.loads((checkpoint / "state.json").read_text())
     assert state["iteration"] == 2 and state["nfe_cumulative"] == trainer.nfe_cumulative
+    # the files are Trainer.state_dict(): a safetensors file per tensor group, the rest state.json (keys kept
+    # as they were, so older checkpoints load)
+    tensors, meta = trainer.state_dict()
+    assert list(state) == list(meta) == ["iteration", "world_size", "optimizer", "lr_scheduler", "prompt_rng",
+                                         "stat_tracker", "nfe_cumulative", "nfe_full_cumulative", "config", "ema"]
+    for group in ("weights", "optimizer", "ema"):
+        saved = load_file(checkpoint / f"{group}.safetensors")
+        assert set(saved) == {k.partition("/")[2] for k in tensors if k.startswith(f"{group}/")} and saved, group
+        assert all(torch.equal(v.cpu(), tensors[f"{group}/{k}"].cpu()) for k, v in saved.items()), group
     # the crashed tail of a run (iteration 3 after the checkpoint) is dropped when resuming
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iteration": 3, "reward_mean": 0.0}) + "\n")
@@ -99,6 +108,25 @@ def test_checkpoint_holds_no_pickle_and_resume_latest(services, tiny_policy_fact
     # save_checkpoint is callable from outside the loop (e.g. on a fatal error)
     target = save_checkpoint(resumed, tmp_path / "manual")
     assert json.loads((target / "state.json").read_text())["iteration"] == 3
+
+
+def test_trainer_state_round_trips(services, tiny_policy_factory, tmp_path):
+    """load_state_dict(state_dict()) into a fresh trainer restores every part of the state."""
+    trained = train(services, tiny_policy_factory(lora_rank=4), tmp_path / "a", "train.iterations=1")
+    tensors, meta = trained.state_dict()
+    assert {k.partition("/")[0] for k in tensors} == {"weights", "optimizer", "ema"}
+    config = load_config(None, [*OPTIONS, f"out_dir={tmp_path / 'b'}", "train.iterations=1"])
+    fresh = Trainer(config, tiny_policy_factory(lora_rank=4), None, None)
+    assert fresh.completed_iteration == 0 and fresh.rng.getstate() != trained.rng.getstate()
+    fresh.load_state_dict({k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(meta)))
+    again, again_meta = fresh.state_dict()
+    assert again_meta.pop("config")["out_dir"] != meta["config"]["out_dir"]  # the config is the new run's
+    assert again_meta == {k: v for k, v in meta.items() if k != "config"} and set(again) == set(tensors)
+    assert all(torch.equal(again[k], v) for k, v in tensors.items())
+    assert fresh.completed_iteration == 1 and fresh.rng.getstate() == trained.rng.getstate()
+    without_ema = {k: v for k, v in meta.items() if k != "ema"}
+    with pytest.raises(ValueError, match="train.ema: the checkpoint was saved without EMA weights"):
+        fresh.load_state_dict(tensors, without_ema)
 
 
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(services, tiny_policy_factory, tmp_path):

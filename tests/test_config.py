@@ -30,6 +30,7 @@ def test_paper_schedule():
         ("train.lr=-1", "train.lr: expected a finite number > 0"),
         ("train.lr=nan", "train.lr: expected a finite number > 0"),
         ("train.bogus=1", "train.bogus: unknown option"),
+        ("model.bogus_option=1", "model.bogus_option: unknown option"),
         ("bogus.x=1", "bogus: unknown option"),
         ("prune.mode=magic", "prune.mode: expected grpo | full_ovf"),
         ("prune.keeps=[8,10]", "prune.keeps: expected strictly decreasing"),

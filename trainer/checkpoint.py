@@ -1,14 +1,16 @@
-"""Checkpoints and exact resume. Tensors go to safetensors, everything else to JSON: nothing is
-pickled (``torch.save`` of an optimizer state would be), so a checkpoint is safe to load from
-anywhere.
+"""Checkpoints and exact resume: the file format and its I/O. What a run's state is comes from
+``Trainer.state_dict()`` / ``load_state_dict()``; this module writes it. Tensors go to
+safetensors, everything else to JSON: nothing is pickled (``torch.save`` of an optimizer state
+would be), so a checkpoint is safe to load from anywhere.
 
     <out_dir>/checkpoints/iter_000010/
         weights.safetensors     trainable weights (LoRA weights only, with LoRA)
         optimizer.safetensors   optimizer tensors, "state.<param index>.<name>"
         ema.safetensors         the EMA weights (train.ema)
+        state.json              iteration, optimizer param groups and scalars, LR scheduler,
+                                prompt-sampler RNG state, stat tracker, NFE and EMA counters, config
         rng_rank<r>.safetensors torch CPU/CUDA generator states of rank r
-        state.json              iteration, optimizer param groups and scalars, LR scheduler, numpy /
-                                python / prompt-sampler RNG states, stat tracker, NFE counters, config
+        rng_rank<r>.json        numpy and python RNG states of rank r
         metrics.jsonl, eval.jsonl  the run's metrics up to this iteration
 
 Per-trajectory noise, SDE windows, trained-step subsets and pruner seeds derive from
@@ -32,6 +34,9 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger("epgrpo.checkpoint")
 
 METRIC_FILES = ("metrics.jsonl", "eval.jsonl")
+# Trainer.state_dict() names its tensors "<group>/<name>"; each group is the file <group>.safetensors
+# (ema only with train.ema).
+TENSOR_FILES = ("weights", "optimizer", "ema")
 # Options (prefixes) that may change between a run and its resumption without changing what it
 # computes: the length of the run, where services live and how to reach them, evaluation.
 RESUMABLE_CHANGES = ("train.iterations", "train.resume_from", "train.checkpoint_", "out_dir", "launch_services",
@@ -58,39 +63,17 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
         for k, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{k}"] = s
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": _jsonable(random.getstate())}
+    return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": jsonable(random.getstate())}
 
 
-def _jsonable(state):
-    return [_jsonable(s) for s in state] if isinstance(state, tuple) else state
+def jsonable(state):
+    """A Python RNG state (nested tuples) as JSON lists."""
+    return [jsonable(s) for s in state] if isinstance(state, tuple) else state
 
 
-def _tuples(state):
-    return tuple(_tuples(s) for s in state) if isinstance(state, list) else state
-
-
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, state in sd["state"].items():
-        for name, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value
-            else:
-                scalars.setdefault(str(index), {})[name] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}  # betas
-              for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": groups})
+def tuples(state):
+    """The inverse of ``jsonable``."""
+    return tuple(tuples(s) for s in state) if isinstance(state, list) else state
 
 
 def save_checkpoint(trainer, directory: str | Path) -> Path:
@@ -125,25 +108,18 @@ def save_checkpoint(trainer, directory: str | Path) -> Path:
 
 
 def _write_replicated_state(trainer, tmp: Path) -> None:
-    """What every rank holds identically: weights, optimizer, schedules, counters, metric files."""
-    save_file(_tensors(trainer.policy.state_dict()), tmp / "weights.safetensors")
-    opt_tensors, opt_meta = _optimizer_state(trainer.optimizer)
-    save_file(_tensors(opt_tensors), tmp / "optimizer.safetensors")
-    state = {
-        "iteration": trainer.completed_iteration,
-        "world_size": trainer.dist.world_size,
-        "optimizer": opt_meta,
-        "lr_scheduler": trainer.lr_scheduler.state_dict(),
-        "prompt_rng": _jsonable(trainer.rng.getstate()),
-        "stat_tracker": trainer.tracker.state_dict(),
-        "nfe_cumulative": trainer.nfe_cumulative,
-        "nfe_full_cumulative": trainer.nfe_full_cumulative,
-        "config": trainer.config_dict(),
-    }
-    if trainer.ema is not None:
-        ema_tensors, state["ema"] = trainer.ema.state_dict()
-        save_file(_tensors(ema_tensors), tmp / "ema.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    """What every rank holds identically: ``trainer.state_dict()`` (a safetensors file per tensor
+    group, the rest as state.json) and the metric files."""
+    tensors, meta = trainer.state_dict()
+    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in TENSOR_FILES if g != "ema" or "ema" in meta}
+    for key, value in tensors.items():
+        group, _, name = key.partition("/")
+        if group not in groups:
+            raise ValueError(f"trainer state tensor {key!r}: expected <group>/<name>, group one of {', '.join(groups)}")
+        groups[group][name] = value
+    for group, values in groups.items():
+        save_file(_tensors(values), tmp / f"{group}.safetensors")
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     for name in METRIC_FILES:
         if (trainer.out / name).exists():
             shutil.copyfile(trainer.out / name, tmp / name)
@@ -169,17 +145,12 @@ def load_checkpoint(trainer, directory: str | Path) -> int:
     state = json.loads((directory / "state.json").read_text())
     for change in _changed_options(state["config"], trainer.config_dict()):
         log.warning("resuming with a changed option (the run will not match an uninterrupted one): %s", change)
-    trainer.policy.load_state_dict(load_file(directory / "weights.safetensors", device=str(trainer.policy.device)))
-    _load_optimizer(trainer.optimizer, load_file(directory / "optimizer.safetensors"), state["optimizer"])
-    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    trainer.rng.setstate(_tuples(state["prompt_rng"]))
-    trainer.tracker.load_state_dict(state["stat_tracker"])
-    trainer.nfe_cumulative = state["nfe_cumulative"]
-    trainer.nfe_full_cumulative = state["nfe_full_cumulative"]
-    if trainer.ema is not None:
-        if "ema" not in state:
-            raise ValueError(f"train.ema: the checkpoint {directory} was saved without EMA weights")
-        trainer.ema.load_state_dict(load_file(directory / "ema.safetensors"), state["ema"])
+    tensors = {f"{group}/{name}": value for group in TENSOR_FILES if (directory / f"{group}.safetensors").is_file()
+               for name, value in load_file(directory / f"{group}.safetensors").items()}
+    try:
+        trainer.load_state_dict(tensors, state)
+    except ValueError as e:
+        raise ValueError(f"{e} ({directory})") from None
     rank = trainer.dist.rank if (directory / f"rng_rank{trainer.dist.rank}.json").is_file() else 0
     rng_tensors = load_file(directory / f"rng_rank{rank}.safetensors")
     rng_meta = json.loads((directory / f"rng_rank{rank}.json").read_text())
@@ -189,7 +160,7 @@ def load_checkpoint(trainer, directory: str | Path) -> int:
         torch.cuda.set_rng_state_all(cuda)
     kind, keys, pos, has_gauss, gauss = rng_meta["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    random.setstate(_tuples(rng_meta["python"]))
+    random.setstate(tuples(rng_meta["python"]))
     if trainer.dist.is_main:
         trainer.out.mkdir(parents=True, exist_ok=True)
         for name in METRIC_FILES:  # drop lines of iterations after the checkpoint (a crashed run's tail)
@@ -198,8 +169,7 @@ def load_checkpoint(trainer, directory: str | Path) -> int:
             else:
                 (trainer.out / name).unlink(missing_ok=True)
     trainer.dist.barrier()
-    trainer.completed_iteration = int(state["iteration"])
-    return trainer.completed_iteration
+    return int(state["iteration"])
 
 
 def prune_checkpoints(out_dir: Path, keep: int) -> None:

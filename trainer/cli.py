@@ -71,8 +71,15 @@ def connected(config: cfg.Config):
     from epgrpo.trainer.launch import LocalStack
     from epgrpo.trainer.loop import resolve_device
     from epgrpo.trainer.policy import toy  # noqa: F401 - registers the toy adapter
-    from epgrpo.trainer.policy.base import create_policy
+    from epgrpo.trainer.policy.base import check_policy_options, create_policy
 
+    # the model options the user set (model.preview_vae is the launcher's), and what the trainer always gives
+    default = cfg.ModelConfig()
+    options = {k: v for k, v in vars(config.model).items()
+               if k not in ("name", "device", "dtype", "preview_vae") and v != getattr(default, k)}
+    options.update(dtype=config.model.dtype, device=config.model.device,
+                   guidance_scale=config.sampling.guidance_scale, progress=config.progress)
+    check_policy_options(config.model.name, options)  # an option of another family stops the run here
     cfg.check_paths(config)  # before minutes of model loading
     if not config.progress:  # the libraries' own loading bars too
         import diffusers
@@ -82,10 +89,8 @@ def connected(config: cfg.Config):
         transformers.utils.logging.disable_progress_bar()
     dist = Distributed(config.model.device)  # under `accelerate launch`: this rank and its device
     device = str(dist.device) if dist.world_size > 1 else resolve_device(config.model.device)
-    options = {k: v for k, v in cfg.to_dict(config)["model"].items()
-               if k not in ("name", "device", "preview_vae")}
-    policy = create_policy(config.model.name, **options, guidance_scale=config.sampling.guidance_scale,
-                           device=device, progress=config.progress and dist.is_main)
+    options.update(device=device, progress=config.progress and dist.is_main)
+    policy = create_policy(config.model.name, **options)
     with contextlib.ExitStack() as stack:
         if config.launch_services:
             addresses = ""

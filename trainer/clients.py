@@ -252,12 +252,17 @@ def reward_client_from_config(section) -> "RewardClient | RewardRouter":
 
 
 class PrunerClient:
+    """The pruner service. A pruning stream sends each group's previews as byte-bounded parts of at
+    most ``max_request_bytes`` (``codec.batch_slices``; GroupCheckpoint.group_size), so no group
+    size or resolution exceeds the message limit."""
+
     def __init__(self, address: str, deadline_s: float = 600.0, security: ChannelSecurity = ChannelSecurity(),
-                 retry_budget_s: float = 120.0):
+                 retry_budget_s: float = 120.0, max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES):
         self.address = address
         self.channel = create_channel(address, [PRUNER_SERVICE], security=security)
         self.stub = pruner_pb2_grpc.PrunerServiceStub(self.channel)
         self.deadline_s = deadline_s
+        self.max_request_bytes = max_request_bytes
         self.retry = RetryBudget(retry_budget_s)  # a broken stream: see Trainer.iteration_with_retries
 
     @classmethod
@@ -273,7 +278,7 @@ class PrunerClient:
             strategy=STRATEGIES[strategy], proxy_rewards=_specs(proxy_rewards), seed=seed, num_steps=num_steps,
             decoder=decoder,
         )
-        return PrunerStream(self.stub, message, self.deadline_s)
+        return PrunerStream(self.stub, message, self.deadline_s, self.max_request_bytes)
 
     def list_decoders(self) -> dict[str, str] | None:
         """The pruner's preview decoders by name; None for a pruner that predates ListDecoders."""
@@ -321,23 +326,54 @@ class PrunerClient:
         self.channel.close()
 
 
+# Preview dtypes sent as they are (the pruner decodes each bit-exactly); anything else goes as float32.
+_PREVIEW_WIRE_DTYPES = ("float16", "bfloat16", "float32")
+
+
 class PrunerStream:
     """One bidirectional stream per rollout; ``decide`` sends every group's checkpoint, then
-    reads one decision per group (pipelined). A broken stream is not resumed: the rollout is
-    run again from the start (its noise is seeded, so it is the same rollout)."""
+    reads one decision per group (pipelined). A group's previews go as parts of at most
+    ``max_request_bytes`` each (all but a small group: one part), in their own dtype when it is
+    float16 / bfloat16 / float32; a part is encoded only when gRPC takes it for sending, so the
+    stream holds about one part's bytes, not a whole step's. A broken stream is not resumed: the
+    rollout is run again from the start (its noise is seeded, so it is the same rollout)."""
 
-    def __init__(self, stub, open_message: pruner_pb2.OpenRollout, deadline_s: float):
+    def __init__(self, stub, open_message: pruner_pb2.OpenRollout, deadline_s: float,
+                 max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES):
         self._requests: queue.Queue = queue.Queue()
         self._requests.put(pruner_pb2.PruneStreamRequest(open=open_message))
-        self._responses = stub.PruneRollout(iter(self._requests.get, None), timeout=deadline_s)
+        self._responses = stub.PruneRollout(self._outgoing(), timeout=deadline_s)
         self.rollout_id = open_message.rollout_id
+        self.max_request_bytes = max_request_bytes
+        self.messages_sent = 0  # checkpoint messages (parts) so far, for logs and tests
+
+    def _outgoing(self):
+        """The request iterator gRPC consumes on its own thread: builds each queued part just in time."""
+        for item in iter(self._requests.get, None):
+            yield item() if callable(item) else item
+
+    def _parts(self, step: int, sigma: float, g: GroupState) -> list[Callable[[], pruner_pb2.PruneStreamRequest]]:
+        previews = g.previews.detach()
+        if str(previews.dtype).removeprefix("torch.") not in _PREVIEW_WIRE_DTYPES:
+            previews = previews.float()
+        ids = list(g.trajectory_ids)
+        slices = codec.batch_slices(len(ids), previews[:1].nelement() * previews.element_size(),
+                                    self.max_request_bytes) or [slice(0, 0)]  # (an empty group: the pruner says why)
+        group_size = len(ids) if len(slices) > 1 else 0  # 0: one message holds the whole group, as always
+
+        def part(s: slice) -> pruner_pb2.PruneStreamRequest:
+            return pruner_pb2.PruneStreamRequest(checkpoint=pruner_pb2.GroupCheckpoint(
+                group_id=g.group_id, step=step, sigma=sigma, trajectory_ids=ids[s], group_size=group_size,
+                previews=codec.encode(previews[s]), prompts=[g.prompt],
+            ))
+
+        return [lambda s=s: part(s) for s in slices]
 
     def decide(self, step: int, sigma: float, groups: Sequence[GroupState]) -> dict[str, list[int]]:
         for g in groups:
-            self._requests.put(pruner_pb2.PruneStreamRequest(checkpoint=pruner_pb2.GroupCheckpoint(
-                group_id=g.group_id, step=step, sigma=sigma, trajectory_ids=g.trajectory_ids,
-                previews=codec.encode(g.previews.float().cpu()), prompts=[g.prompt],
-            )))
+            for part in self._parts(step, sigma, g):
+                self._requests.put(part)
+                self.messages_sent += 1
         decisions = {}
         try:
             for _ in groups:

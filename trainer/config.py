@@ -29,7 +29,9 @@ def opt(default, help: str):
 class ModelConfig:
     name: str = opt("toy_digits", "policy adapter: toy_digits (flow) | toy_digits_ddpm (diffusion, DDIM) | sd3 | "
                     "sd (SD 1.x/2.x, DDIM) | flux | package.module:name (a plugin module that registers its adapter "
-                    "with epgrpo.trainer.policy.base.register_policy)")
+                    "with epgrpo.trainer.policy.base.register_policy). Each family takes only the options below "
+                    "marked for it (the toys: path, pretrain_steps, lora_*; every family: device, dtype, "
+                    "preview_decoder); setting another family's option stops the run before any model loads")
     path: str = opt("", "model directory or hub id (sd3: a StableDiffusion3Pipeline, e.g. "
                     "stabilityai/stable-diffusion-3.5-medium; sd: a StableDiffusionPipeline, e.g. "
                     "CompVis/stable-diffusion-v1-4; flux: a FluxPipeline, e.g. black-forest-labs/FLUX.1-dev); "
@@ -65,7 +67,7 @@ class SamplingConfig:
     shift: float = opt(1.0, "time shift of the sigma grid (SD3 uses 3.0)")
     noise_level: float = opt(0.7, "flow models: SDE noise level a (Flow-GRPO default 0.7)")
     eta: float = opt(1.0, "diffusion models (sd, toy_digits_ddpm): DDIM eta of the stochastic rollout steps "
-                     "(DDPO: 1.0); evaluation samples with eta = 0")
+                     "(DDPO: 1.0); evaluation: see eval.sampler")
     sde_last_step: bool = opt(False, "stochastic last step; default deterministic (ODE) and excluded from the loss")
     waves: int = opt(1, "split a rank's groups into this many waves: while one wave's pruning decision or final "
                      "scoring is in flight, the others denoise (same samples and result as 1; helps when the "
@@ -87,7 +89,7 @@ class PruneConfig:
     steps: list = opt([5, 7], "pruning steps: at step s the pruner decides on the x0-previews of x_s (from the "
                       "model call step s makes anyway) and only the survivors take step s and later ones; a pruned "
                       "trajectory costs s + 1 calls (the toy default prunes late: its previews rank trajectories "
-                      "well from x_5 on; see README Evidence)")
+                      "well from x_5 on; see docs/benchmarks.md)")
     keeps: list = opt([8, 4], "survivors per group after each checkpoint (strictly decreasing)")
     proxy_rewards: str = opt("", "rewards scoring the x0-previews, 'name:weight,...'; empty = the training rewards")
     seed: int = opt(0, "seed of the random strategy")

@@ -19,8 +19,8 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from epgrpo.trainer import config as cfg
-from epgrpo.trainer.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                       save_checkpoint)
+from epgrpo.trainer.checkpoint import (checkpoint_dir, jsonable, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                       save_checkpoint, tuples)
 from epgrpo.trainer.clients import PrunerClient, RetryBudget, RewardClient, ServicesUnavailable
 from epgrpo.trainer.distributed import Distributed
 from epgrpo.trainer.ema import EMA
@@ -42,6 +42,31 @@ def load_prompts(path: str, field: str) -> list[str]:
     if not prompts:
         raise ValueError(f"{field}: {path} holds no prompt")
     return prompts
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as tensors ("state.<param index>.<name>") and JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}  # betas
+              for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": groups})
 
 
 def resolve_device(name: str) -> str:
@@ -90,6 +115,54 @@ class Trainer:
 
     def config_dict(self) -> dict:
         return cfg.to_dict(self.c)
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What continues this run after ``completed_iteration``, the same on every rank: tensors
+        named ``<group>/<name>`` (``weights/`` the trainable weights, ``optimizer/`` the optimizer's,
+        ``ema/`` the EMA's) and JSON-able metadata: the completed iteration, the optimizer's param
+        groups and scalars, LR scheduler, prompt sampler, stat tracker, NFE counters, EMA counters
+        and the config. The global RNGs are not in it: they differ per rank (see checkpoint.py)."""
+        optimizer_tensors, optimizer_meta = optimizer_state(self.optimizer)
+        tensors = {**{f"weights/{k}": v for k, v in self.policy.state_dict().items()},
+                   **{f"optimizer/{k}": v for k, v in optimizer_tensors.items()}}
+        meta = {
+            "iteration": self.completed_iteration,
+            "world_size": self.dist.world_size,
+            "optimizer": optimizer_meta,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "prompt_rng": jsonable(self.rng.getstate()),
+            "stat_tracker": self.tracker.state_dict(),
+            "nfe_cumulative": self.nfe_cumulative,
+            "nfe_full_cumulative": self.nfe_full_cumulative,
+            "config": self.config_dict(),
+        }
+        if self.ema is not None:
+            ema_tensors, meta["ema"] = self.ema.state_dict()
+            tensors.update({f"ema/{k}": v for k, v in ema_tensors.items()})
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restores what ``state_dict`` returned (the config is not restored: the caller compares it)."""
+        groups: dict[str, dict[str, torch.Tensor]] = {"weights": {}, "optimizer": {}, "ema": {}}
+        for key, value in tensors.items():
+            group, _, name = key.partition("/")
+            if group not in groups:
+                raise ValueError(f"unexpected trainer state tensor {key!r}")
+            groups[group][name] = value
+        if self.ema is not None and "ema" not in meta:
+            raise ValueError("train.ema: the checkpoint was saved without EMA weights")
+        device = self.policy.device
+        self.policy.load_state_dict({k: v.to(device) for k, v in groups["weights"].items()})
+        load_optimizer_state(self.optimizer, groups["optimizer"], meta["optimizer"])
+        self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        self.rng.setstate(tuples(meta["prompt_rng"]))
+        self.tracker.load_state_dict(meta["stat_tracker"])
+        self.nfe_cumulative = meta["nfe_cumulative"]
+        self.nfe_full_cumulative = meta["nfe_full_cumulative"]
+        if self.ema is not None:
+            self.ema.load_state_dict(groups["ema"], meta["ema"])
+        self.completed_iteration = int(meta["iteration"])
 
     def check_services(self) -> None:
         """Fails fast, before any work, if a reward we need is not served."""

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from epgrpo.protos.v1 import tensor_pb2 as epgrpo_dot_protos_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65pgrpo/protos/v1/pruner.proto\x12\tepgrpo.v1\x1a\x1d\x65pgrpo/protos/v1/tensor.proto\"(\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04keep\x18\x02 \x01(\x05\"\xd1\x01\n\x0bOpenRollout\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\'\n\x08schedule\x18\x02 \x03(\x0b\x32\x15.epgrpo.v1.Checkpoint\x12%\n\x08strategy\x18\x03 \x01(\x0e\x32\x13.epgrpo.v1.Strategy\x12,\n\rproxy_rewards\x18\x04 \x03(\x0b\x32\x15.epgrpo.v1.RewardSpec\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x11\n\tnum_steps\x18\x06 \x01(\x05\x12\x0f\n\x07\x64\x65\x63oder\x18\x07 \x01(\t\"\x1b\n\tScoreList\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xe8\x01\n\x0fGroupCheckpoint\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\r\n\x05sigma\x18\x03 \x01(\x02\x12\x16\n\x0etrajectory_ids\x18\x04 \x03(\x03\x12%\n\x08previews\x18\x05 \x01(\x0b\x32\x11.epgrpo.v1.TensorH\x00\x12&\n\x06scores\x18\x06 \x01(\x0b\x32\x14.epgrpo.v1.ScoreListH\x00\x12\x0f\n\x07prompts\x18\x07 \x03(\t\x12%\n\x08metadata\x18\x08 \x03(\x0b\x32\x13.epgrpo.v1.MetadataB\x07\n\x05proxy\"y\n\x12PruneStreamRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.epgrpo.v1.OpenRolloutH\x00\x12\x30\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x1a.epgrpo.v1.GroupCheckpointH\x00\x42\t\n\x07message\"\xc0\x01\n\x0cPruneRequest\x12.\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1a.epgrpo.v1.GroupCheckpoint\x12\x0c\n\x04keep\x18\x02 \x01(\x05\x12%\n\x08strategy\x18\x03 \x01(\x0e\x32\x13.epgrpo.v1.Strategy\x12,\n\rproxy_rewards\x18\x04 \x03(\x0b\x32\x15.epgrpo.v1.RewardSpec\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0f\n\x07\x64\x65\x63oder\x18\x06 \x01(\t\"i\n\rPruneDecision\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x14\n\x0csurvivor_ids\x18\x03 \x03(\x03\x12\x14\n\x0cproxy_scores\x18\x04 \x03(\x02\x12\x0c\n\x04keep\x18\x05 \x01(\x05\"\x15\n\x13ListDecodersRequest\"0\n\x0b\x44\x65\x63oderInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"@\n\x14ListDecodersResponse\x12(\n\x08\x64\x65\x63oders\x18\x01 \x03(\x0b\x32\x16.epgrpo.v1.DecoderInfo*K\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTRATEGY_OVF\x10\x01\x12\x13\n\x0fSTRATEGY_RANDOM\x10\x02\x32\xe9\x01\n\rPrunerService\x12K\n\x0cPruneRollout\x12\x1d.epgrpo.v1.PruneStreamRequest\x1a\x18.epgrpo.v1.PruneDecision(\x01\x30\x01\x12:\n\x05Prune\x12\x17.epgrpo.v1.PruneRequest\x1a\x18.epgrpo.v1.PruneDecision\x12O\n\x0cListDecoders\x12\x1e.epgrpo.v1.ListDecodersRequest\x1a\x1f.epgrpo.v1.ListDecodersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65pgrpo/protos/v1/pruner.proto\x12\tepgrpo.v1\x1a\x1d\x65pgrpo/protos/v1/tensor.proto\"(\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04keep\x18\x02 \x01(\x05\"\xd1\x01\n\x0bOpenRollout\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\'\n\x08schedule\x18\x02 \x03(\x0b\x32\x15.epgrpo.v1.Checkpoint\x12%\n\x08strategy\x18\x03 \x01(\x0e\x32\x13.epgrpo.v1.Strategy\x12,\n\rproxy_rewards\x18\x04 \x03(\x0b\x32\x15.epgrpo.v1.RewardSpec\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x11\n\tnum_steps\x18\x06 \x01(\x05\x12\x0f\n\x07\x64\x65\x63oder\x18\x07 \x01(\t\"\x1b\n\tScoreList\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xfc\x01\n\x0fGroupCheckpoint\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\r\n\x05sigma\x18\x03 \x01(\x02\x12\x16\n\x0etrajectory_ids\x18\x04 \x03(\x03\x12%\n\x08previews\x18\x05 \x01(\x0b\x32\x11.epgrpo.v1.TensorH\x00\x12&\n\x06scores\x18\x06 \x01(\x0b\x32\x14.epgrpo.v1.ScoreListH\x00\x12\x0f\n\x07prompts\x18\x07 \x03(\t\x12%\n\x08metadata\x18\x08 \x03(\x0b\x32\x13.epgrpo.v1.Metadata\x12\x12\n\ngroup_size\x18\t \x01(\x05\x42\x07\n\x05proxy\"y\n\x12PruneStreamRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.epgrpo.v1.OpenRolloutH\x00\x12\x30\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x1a.epgrpo.v1.GroupCheckpointH\x00\x42\t\n\x07message\"\xc0\x01\n\x0cPruneRequest\x12.\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1a.epgrpo.v1.GroupCheckpoint\x12\x0c\n\x04keep\x18\x02 \x01(\x05\x12%\n\x08strategy\x18\x03 \x01(\x0e\x32\x13.epgrpo.v1.Strategy\x12,\n\rproxy_rewards\x18\x04 \x03(\x0b\x32\x15.epgrpo.v1.RewardSpec\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0f\n\x07\x64\x65\x63oder\x18\x06 \x01(\t\"i\n\rPruneDecision\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x14\n\x0csurvivor_ids\x18\x03 \x03(\x03\x12\x14\n\x0cproxy_scores\x18\x04 \x03(\x02\x12\x0c\n\x04keep\x18\x05 \x01(\x05\"\x15\n\x13ListDecodersRequest\"0\n\x0b\x44\x65\x63oderInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"@\n\x14ListDecodersResponse\x12(\n\x08\x64\x65\x63oders\x18\x01 \x03(\x0b\x32\x16.epgrpo.v1.DecoderInfo*K\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTRATEGY_OVF\x10\x01\x12\x13\n\x0fSTRATEGY_RANDOM\x10\x02\x32\xe9\x01\n\rPrunerService\x12K\n\x0cPruneRollout\x12\x1d.epgrpo.v1.PruneStreamRequest\x1a\x18.epgrpo.v1.PruneDecision(\x01\x30\x01\x12:\n\x05Prune\x12\x17.epgrpo.v1.PruneRequest\x1a\x18.epgrpo.v1.PruneDecision\x12O\n\x0cListDecoders\x12\x1e.epgrpo.v1.ListDecodersRequest\x1a\x1f.epgrpo.v1.ListDecodersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epgrpo.protos.v1.pruner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STRATEGY']._serialized_start=1157
-  _globals['_STRATEGY']._serialized_end=1232
+  _globals['_STRATEGY']._serialized_start=1177
+  _globals['_STRATEGY']._serialized_end=1252
   _globals['_CHECKPOINT']._serialized_start=75
   _globals['_CHECKPOINT']._serialized_end=115
   _globals['_OPENROLLOUT']._serialized_start=118
@@ -41,19 +41,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORELIST']._serialized_start=329
   _globals['_SCORELIST']._serialized_end=356
   _globals['_GROUPCHECKPOINT']._serialized_start=359
-  _globals['_GROUPCHECKPOINT']._serialized_end=591
-  _globals['_PRUNESTREAMREQUEST']._serialized_start=593
-  _globals['_PRUNESTREAMREQUEST']._serialized_end=714
-  _globals['_PRUNEREQUEST']._serialized_start=717
-  _globals['_PRUNEREQUEST']._serialized_end=909
-  _globals['_PRUNEDECISION']._serialized_start=911
-  _globals['_PRUNEDECISION']._serialized_end=1016
-  _globals['_LISTDECODERSREQUEST']._serialized_start=1018
-  _globals['_LISTDECODERSREQUEST']._serialized_end=1039
-  _globals['_DECODERINFO']._serialized_start=1041
-  _globals['_DECODERINFO']._serialized_end=1089
-  _globals['_LISTDECODERSRESPONSE']._serialized_start=1091
-  _globals['_LISTDECODERSRESPONSE']._serialized_end=1155
-  _globals['_PRUNERSERVICE']._serialized_start=1235
-  _globals['_PRUNERSERVICE']._serialized_end=1468
+  _globals['_GROUPCHECKPOINT']._serialized_end=611
+  _globals['_PRUNESTREAMREQUEST']._serialized_start=613
+  _globals['_PRUNESTREAMREQUEST']._serialized_end=734
+  _globals['_PRUNEREQUEST']._serialized_start=737
+  _globals['_PRUNEREQUEST']._serialized_end=929
+  _globals['_PRUNEDECISION']._serialized_start=931
+  _globals['_PRUNEDECISION']._serialized_end=1036
+  _globals['_LISTDECODERSREQUEST']._serialized_start=1038
+  _globals['_LISTDECODERSREQUEST']._serialized_end=1059
+  _globals['_DECODERINFO']._serialized_start=1061
+  _globals['_DECODERINFO']._serialized_end=1109
+  _globals['_LISTDECODERSRESPONSE']._serialized_start=1111
+  _globals['_LISTDECODERSRESPONSE']._serialized_end=1175
+  _globals['_PRUNERSERVICE']._serialized_start=1255
+  _globals['_PRUNERSERVICE']._serialized_end=1488
 # @@protoc_insertion_point(module_scope)

@@ -50,7 +50,7 @@ class ScoreList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GroupCheckpoint(_message.Message):
-    __slots__ = ("group_id", "step", "sigma", "trajectory_ids", "previews", "scores", "prompts", "metadata")
+    __slots__ = ("group_id", "step", "sigma", "trajectory_ids", "previews", "scores", "prompts", "metadata", "group_size")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SIGMA_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class GroupCheckpoint(_message.Message):
     SCORES_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     step: int
     sigma: float
@@ -67,7 +68,8 @@ class GroupCheckpoint(_message.Message):
     scores: ScoreList
     prompts: _containers.RepeatedScalarFieldContainer[str]
     metadata: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Metadata]
-    def __init__(self, group_id: _Optional[str] = ..., step: _Optional[int] = ..., sigma: _Optional[float] = ..., trajectory_ids: _Optional[_Iterable[int]] = ..., previews: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., scores: _Optional[_Union[ScoreList, _Mapping]] = ..., prompts: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Iterable[_Union[_tensor_pb2.Metadata, _Mapping]]] = ...) -> None: ...
+    group_size: int
+    def __init__(self, group_id: _Optional[str] = ..., step: _Optional[int] = ..., sigma: _Optional[float] = ..., trajectory_ids: _Optional[_Iterable[int]] = ..., previews: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., scores: _Optional[_Union[ScoreList, _Mapping]] = ..., prompts: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Iterable[_Union[_tensor_pb2.Metadata, _Mapping]]] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class PruneStreamRequest(_message.Message):
     __slots__ = ("open", "checkpoint")

@@ -56,8 +56,9 @@ class PrunerServiceServicer:
 
     def PruneRollout(self, request_iterator, context):
         """One bidirectional stream per rollout: the first message opens the rollout (schedule,
-        strategy, proxy rewards); then one `checkpoint` message per group at each scheduled step,
-        each answered by one PruneDecision before the trainer takes its next denoising step.
+        strategy, proxy rewards); then one `checkpoint` message per group at each scheduled step (or
+        several, see GroupCheckpoint.group_size), each group answered by one PruneDecision before the
+        trainer takes its next denoising step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

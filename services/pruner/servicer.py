@@ -91,6 +91,14 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         return pruner_pb2.PruneDecision(group_id=checkpoint.group_id, step=checkpoint.step, survivor_ids=survivors,
                                         proxy_scores=scores.tolist(), keep=keep)
 
+    @staticmethod
+    def _part_shape(checkpoint) -> tuple[int, ...] | None:
+        """Per-trajectory shape of a checkpoint's proxy, to compare a group's parts: () for scores."""
+        kind = checkpoint.WhichOneof("proxy")
+        if kind == "scores":
+            return ()
+        return tuple(checkpoint.previews.shape[1:]) if kind == "previews" else None
+
     @map_errors
     async def PruneRollout(self, request_iterator, context):
         # A coroutine writing with context.write (not an async generator), so a client that goes
@@ -108,7 +116,7 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         proxy = _proxy_config(opened.proxy_rewards, opened.decoder, "open.")
         rollout = opened.rollout_id or "<unnamed>"
         self.active_sessions += 1
-        decisions = 0
+        decisions = parts = 0
         log.info("rollout %s opened: schedule %s over %d steps, strategy %s", rollout,
                  [(c.step, c.keep) for c in session.schedule], session.num_steps,
                  pruner_pb2.Strategy.Name(session.strategy))  # validated by RolloutSession.create
@@ -118,17 +126,34 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
                     raise FailedPrecondition(f"message: rollout {show(rollout)} is already open; "
                                              f"expected 'checkpoint', got {request.WhichOneof('message')!r}")
                 checkpoint = request.checkpoint
-                keep, ids = session.validate(checkpoint.group_id, checkpoint.step, checkpoint.trajectory_ids)
+                part_shape = self._part_shape(checkpoint)
+                _, ids = session.validate(checkpoint.group_id, checkpoint.step, checkpoint.trajectory_ids,
+                                          checkpoint.group_size, part_shape)
                 request_id = f"{rollout}/{checkpoint.group_id}/step{checkpoint.step}"
+                if len(ids) < checkpoint.group_size:  # one of several parts: tell them apart upstream
+                    request_id += f"/part@{session.received(checkpoint.group_id)}"
+                # A part's previews are scored as it arrives and dropped: only its scores are kept.
                 scores = await self._proxy_scores(checkpoint, len(ids), proxy, request_id)
-                survivors, keep = session.decide(checkpoint.group_id, checkpoint.step, ids, scores)
-                log.debug("rollout %s group %s step %d: %d -> %d", rollout, checkpoint.group_id, checkpoint.step,
-                          len(ids), keep)
-                await context.write(self._decision(checkpoint, survivors, scores, keep))
+                parts += 1
+                decision = session.add(checkpoint.group_id, checkpoint.step, ids, scores, checkpoint.group_size,
+                                       part_shape)
+                if decision is None:
+                    log.debug("rollout %s group %s step %d: part of %d ids (group_size %d)", rollout,
+                              checkpoint.group_id, checkpoint.step, len(ids), checkpoint.group_size)
+                    continue
+                log.debug("rollout %s group %s step %d: %d -> %d (%d part%s)", rollout, checkpoint.group_id,
+                          checkpoint.step, len(decision.trajectory_ids), decision.keep, decision.parts,
+                          "" if decision.parts == 1 else "s")
+                await context.write(self._decision(checkpoint, decision.survivors, decision.scores, decision.keep))
                 decisions += 1
+            incomplete = session.incomplete()
+            if incomplete:
+                raise InvalidArgument("checkpoint.group_size: the stream ended before every part of a split "
+                                      "checkpoint arrived: " + "; ".join(incomplete))
         finally:
             self.active_sessions -= 1
-            log.info("rollout %s closed after %d decisions over %d groups", rollout, decisions, session.num_groups)
+            log.info("rollout %s closed after %d decisions over %d groups (%d checkpoint messages)", rollout,
+                     decisions, session.num_groups, parts)
 
     @map_errors
     async def Prune(self, request, context):
@@ -138,6 +163,9 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         if checkpoint.step < 0:
             raise InvalidArgument(f"checkpoint.step: expected >= 0, got {checkpoint.step}")
         ids = check_ids(checkpoint.trajectory_ids)
+        if checkpoint.group_size not in (0, len(ids)):
+            raise InvalidArgument(f"checkpoint.group_size: a Prune request holds the whole group; expected 0 or "
+                                  f"{len(ids)} (the number of trajectory ids), got {checkpoint.group_size}")
         if not 1 <= request.keep <= len(ids):
             raise InvalidArgument(f"keep: expected 1 <= keep <= {len(ids)} (the number of trajectory ids), "
                                   f"got {request.keep}")

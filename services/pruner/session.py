@@ -1,8 +1,11 @@
 """Per-rollout pruning state: the schedule, each group's live trajectories, and the decisions.
 
 Pure (no grpc calls): the servicer turns an OpenRollout into a :class:`RolloutSession` and asks
-it for one decision per GroupCheckpoint. Errors are the service's typed exceptions naming the
-proto field, so the servicer only has to let them propagate.
+it for one decision per group checkpoint. A group's checkpoint may come as several parts
+(GroupCheckpoint.group_size > 0, so that no message exceeds the size limit): the session keeps the
+ids and proxy scores of the parts so far (never their previews) and decides once it holds
+``group_size`` ids. Errors are the service's typed exceptions naming the proto field, so the
+servicer only has to let them propagate.
 """
 
 from __future__ import annotations
@@ -27,6 +30,35 @@ class _GroupState:
     next_index: int = 0  # index into the schedule of the group's next checkpoint
     live_ids: tuple[int, ...] | None = None  # None until the first checkpoint fixes the group
     last_step: int | None = None
+
+
+@dataclass
+class _PendingParts:
+    """A group's checkpoint whose parts have not all arrived: their ids and scores, nothing more."""
+
+    step: int
+    group_size: int
+    part_shape: tuple[int, ...] | None  # per-trajectory proxy shape: () scores, (C, H, W) previews
+    ids: list[int] = field(default_factory=list)
+    scores: list[np.ndarray] = field(default_factory=list)
+    parts: int = 0
+
+
+@dataclass(frozen=True)
+class GroupDecision:
+    """One group's decision at one checkpoint (over all its parts)."""
+
+    group_id: str
+    step: int
+    trajectory_ids: list[int]  # every live id, in the order the parts brought them
+    scores: np.ndarray  # float64, one per id
+    survivors: list[int]  # ascending
+    keep: int
+    parts: int = 1
+
+
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    return "scores" if shape == () else "previews"
 
 
 def check_ids(trajectory_ids: Sequence[int], field: str = "checkpoint.trajectory_ids") -> list[int]:
@@ -73,6 +105,7 @@ class RolloutSession:
     seed: int = 0
     rollout_id: str = ""
     _groups: dict[str, _GroupState] = field(default_factory=dict, repr=False)
+    _pending: dict[str, _PendingParts] = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(
@@ -113,28 +146,74 @@ class RolloutSession:
         index = self._groups.get(group_id, _GroupState()).next_index
         return self.schedule[index].step if index < len(self.schedule) else None
 
+    def received(self, group_id: str) -> int:
+        """Ids the parts of the group's current checkpoint brought so far (0 when none is pending)."""
+        pending = self._pending.get(group_id)
+        return 0 if pending is None else len(pending.ids)
+
+    def incomplete(self) -> list[str]:
+        """One line per group whose current checkpoint still misses parts (for the end of a stream)."""
+        return [f"group {show(g)} at step {p.step}: {len(p.ids)} of group_size={p.group_size} ids received"
+                for g, p in self._pending.items()]
+
     def decide(self, group_id: str, step: int, trajectory_ids: Sequence[int], scores) -> tuple[list[int], int]:
-        """Survivor ids (ascending) and ``keep`` at the group's next checkpoint.
+        """Survivor ids (ascending) and ``keep`` at the group's next checkpoint, all ids in one message.
 
         State changes only when the decision succeeds, so a rejected message leaves the
         session as it was.
         """
-        keep, ids = self.validate(group_id, step, trajectory_ids)
+        decision = self.add(group_id, step, trajectory_ids, scores)
+        assert decision is not None  # a whole group decides at once
+        return decision.survivors, decision.keep
+
+    def add(self, group_id: str, step: int, trajectory_ids: Sequence[int], scores, group_size: int = 0,
+            part_shape: tuple[int, ...] | None = None) -> GroupDecision | None:
+        """Adds one message of a group's checkpoint (the whole group when ``group_size`` is 0) with
+        its proxy scores; the decision once the group's ids are complete, else None.
+
+        Validates like :meth:`validate` first; a rejected message leaves the session as it was.
+        """
+        keep, ids = self.validate(group_id, step, trajectory_ids, group_size, part_shape)
         values = check_scores(scores, len(ids))
+        pending = self._pending.get(group_id)
+        if pending is None:
+            if not group_size or group_size == len(ids):
+                return self._decide(group_id, step, ids, values, keep, 1)
+            pending = self._pending[group_id] = _PendingParts(step, int(group_size), part_shape)
+        pending.ids.extend(ids)
+        pending.scores.append(values)
+        pending.parts += 1
+        if len(pending.ids) < pending.group_size:
+            return None
+        del self._pending[group_id]
+        return self._decide(group_id, step, pending.ids, np.concatenate(pending.scores), keep, pending.parts)
+
+    def _decide(self, group_id: str, step: int, ids: list[int], values: np.ndarray, keep: int,
+                parts: int) -> GroupDecision:
         state = self._groups.get(group_id, _GroupState())
         survivors = select_survivors(ids, values, keep, self.strategy, self.seed, group_id, step)
         self._groups[group_id] = _GroupState(state.next_index + 1, tuple(survivors), step)
-        return survivors, keep
+        return GroupDecision(group_id, step, ids, values, survivors, keep, parts)
 
-    def validate(self, group_id: str, step: int, trajectory_ids: Sequence[int]) -> tuple[int, list[int]]:
-        """(keep, ids) if a checkpoint for these ids at this step is acceptable now; else raises.
+    def validate(self, group_id: str, step: int, trajectory_ids: Sequence[int], group_size: int = 0,
+                 part_shape: tuple[int, ...] | None = None) -> tuple[int, list[int]]:
+        """(keep, this message's ids) if this message of a group's checkpoint is acceptable now; else raises.
 
-        The servicer calls this before paying for proxy scores, so a misplaced checkpoint never
-        reaches the reward service.
+        ``group_size`` as in GroupCheckpoint (0: the message is the whole group); ``part_shape`` the
+        per-trajectory shape of its proxy, () for scores, (C, H, W) for previews, None if unknown
+        (then not compared with the group's other parts). The servicer calls this before paying
+        for proxy scores, so a misplaced checkpoint never reaches the reward service.
         """
         if not group_id:
             raise InvalidArgument("checkpoint.group_id: expected a non-empty id")
+        group_size = int(group_size)
+        if group_size < 0:
+            raise InvalidArgument(f"checkpoint.group_size: expected >= 0 (0: this message is the whole group), "
+                                  f"got {group_size}")
         state = self._groups.get(group_id, _GroupState())
+        pending = self._pending.get(group_id)
+        if pending is not None:
+            return self._validate_part(group_id, state, pending, step, trajectory_ids, group_size, part_shape)
         expected = self.expected_step(group_id)
         if expected is None:
             raise FailedPrecondition(
@@ -149,12 +228,24 @@ class RolloutSession:
             )
         keep = self.schedule[state.next_index].keep
         ids = check_ids(trajectory_ids)
+        if group_size and not ids:
+            raise InvalidArgument(f"checkpoint.trajectory_ids: expected at least one id in each part of a "
+                                  f"group_size={group_size} checkpoint, got none")
+        if group_size and len(ids) > group_size:
+            raise InvalidArgument(f"checkpoint.trajectory_ids: expected at most group_size={group_size} ids, "
+                                  f"got {len(ids)}")
         if state.live_ids is None:
-            if len(ids) < keep:
-                raise InvalidArgument(
-                    f"checkpoint.trajectory_ids: expected at least keep={keep} ids at group {show(group_id)}'s "
-                    f"first checkpoint, got {len(ids)}"
-                )
+            if (group_size or len(ids)) < keep:
+                what = f"group_size: expected at least keep={keep}" if group_size else \
+                    f"trajectory_ids: expected at least keep={keep} ids"
+                raise InvalidArgument(f"checkpoint.{what} at group {show(group_id)}'s first checkpoint, "
+                                      f"got {group_size or len(ids)}")
+        elif group_size:
+            if group_size != len(state.live_ids):
+                raise FailedPrecondition(
+                    f"checkpoint.group_size: expected {len(state.live_ids)} (the survivors of step "
+                    f"{state.last_step} for group {show(group_id)}), got {group_size}")
+            self._check_known(group_id, state, ids)
         elif set(ids) != set(state.live_ids):
             unknown = sorted(set(ids) - set(state.live_ids))
             missing = sorted(set(state.live_ids) - set(ids))
@@ -163,3 +254,45 @@ class RolloutSession:
                 f"{state.last_step} for group {show(group_id)}; unknown ids {unknown}, missing ids {missing}"
             )
         return keep, ids
+
+    @staticmethod
+    def _check_known(group_id: str, state: _GroupState, ids: list[int]) -> None:
+        unknown = sorted(set(ids) - set(state.live_ids))
+        if unknown:
+            raise FailedPrecondition(
+                f"checkpoint.trajectory_ids: expected survivors of step {state.last_step} for group "
+                f"{show(group_id)}; unknown ids {unknown}")
+
+    def _validate_part(self, group_id: str, state: _GroupState, pending: _PendingParts, step: int,
+                       trajectory_ids: Sequence[int], group_size: int,
+                       part_shape: tuple[int, ...] | None) -> tuple[int, list[int]]:
+        """A further part of a checkpoint whose first part(s) arrived already."""
+        where = f"group {show(group_id)}'s checkpoint at step {pending.step}"
+        if step != pending.step:
+            raise InvalidArgument(
+                f"checkpoint.step: {where} is incomplete ({len(pending.ids)} of group_size={pending.group_size} "
+                f"ids received); expected its remaining parts at step {pending.step}, got step {step}")
+        if group_size != pending.group_size:
+            raise InvalidArgument(f"checkpoint.group_size: expected {pending.group_size} like the earlier parts of "
+                                  f"{where}, got {group_size}")
+        if part_shape is not None and pending.part_shape is not None and part_shape != pending.part_shape:
+            if () in (part_shape, pending.part_shape):
+                raise InvalidArgument(f"checkpoint.proxy: expected {_shape_text(pending.part_shape)} like the earlier "
+                                      f"parts of {where}, got {_shape_text(part_shape)}")
+            raise InvalidArgument(f"checkpoint.previews.shape: expected [n, {', '.join(map(str, pending.part_shape))}] "
+                                  f"like the earlier parts of {where}, got [n, {', '.join(map(str, part_shape))}]")
+        ids = check_ids(trajectory_ids)
+        if not ids:
+            raise InvalidArgument(f"checkpoint.trajectory_ids: expected at least one id in each part of {where}, "
+                                  "got none")
+        repeated = sorted(set(ids).intersection(pending.ids))
+        if repeated:
+            raise InvalidArgument(f"checkpoint.trajectory_ids: ids {repeated} came already in an earlier part of "
+                                  f"{where}")
+        if len(pending.ids) + len(ids) > pending.group_size:
+            raise InvalidArgument(
+                f"checkpoint.trajectory_ids: expected at most group_size={pending.group_size} ids over the parts of "
+                f"{where}; {len(pending.ids)} came before, this part has {len(ids)}")
+        if state.live_ids is not None:
+            self._check_known(group_id, state, ids)
+        return self.schedule[state.next_index].keep, ids

@@ -3,14 +3,21 @@
 An adapter turns prompts into conditioning, gives the network's output at (x_t, t), builds the
 sampler that fits its model (flow SDE or stochastic DDIM), decodes latents to uint8 images, names
 its trainable parameters and can act as the frozen reference policy. Adding a model means one new
-adapter class registered here; the loop, the samplers and the GRPO code do not change. Adapters around a diffusers transformer get LoRA /
-full fine-tuning, the reference policy and mixed precision from ``finetune.FineTunedPolicy``.
+adapter class and a factory registered here; the loop, the samplers and the GRPO code do not change.
+
+A factory's keyword parameters are the options of its family: ``create_policy`` passes the
+``model.*`` options the user set plus what the trainer always gives (device, dtype, progress,
+guidance_scale), and refuses an option the factory does not declare (unless it takes ``**kwargs``).
+Adapters around a diffusers transformer get LoRA / full fine-tuning, the reference policy and mixed
+precision from ``finetune.FineTunedPolicy``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
+import inspect
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable
@@ -107,8 +114,16 @@ def available_policies() -> list[str]:
     return sorted({*_REGISTRY, *_BUILTIN})
 
 
-def create_policy(name: str, **options) -> PolicyAdapter:
-    """The adapter registered as ``name``; ``package.module:name`` imports a plugin module first."""
+# Factory options and the config keys they come from. The trainer passes every factory device, dtype,
+# progress and sampling.guidance_scale, plus the model.* options the user set; a factory declares
+# the ones its family takes (a plugin with **kwargs takes any).
+_CONFIG_KEYS = {"guidance_scale": "sampling.guidance_scale", "progress": "progress"}
+#: Options the trainer itself uses with every family: given to a factory that declares them, never refused.
+SHARED_OPTIONS = ("progress", "preview_decoder", "preview_vae")
+
+
+def _factory(name: str) -> Callable[..., PolicyAdapter]:
+    """The factory registered as ``name``; ``package.module:name`` imports a plugin module first."""
     module, _, short = name.rpartition(":")
     if module:
         try:
@@ -120,4 +135,51 @@ def create_policy(name: str, **options) -> PolicyAdapter:
         importlib.import_module(_BUILTIN[name])
     if name not in _REGISTRY:
         raise ValueError(f"model.name: unknown model {name!r}; available: {', '.join(available_policies())}")
-    return _REGISTRY[name](**options)
+    return _REGISTRY[name]
+
+
+def policy_options(name: str) -> list[str] | None:
+    """The keyword options the factory of model ``name`` declares (in order); None when it takes
+    any (``**kwargs``)."""
+    params = inspect.signature(_factory(name)).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in keyword]
+
+
+def _model_defaults() -> dict:
+    """The ``model`` section's options with their defaults (the values of options the user did not set)."""
+    from epgrpo.trainer.config import ModelConfig
+
+    return {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != "name"}
+
+
+def _is_default(value, default) -> bool:
+    return isinstance(value, bool) == isinstance(default, bool) and isinstance(value, (str, int, float)) \
+        and value == default
+
+
+def check_policy_options(name: str, options: dict) -> dict:
+    """The options to call model ``name``'s factory with. An option the factory does not declare is
+    dropped when it is at its config default (or one of ``SHARED_OPTIONS``), else refused with a
+    ValueError naming its config key; a factory with ``**kwargs`` takes everything. Loads no model."""
+    declared = policy_options(name)
+    if declared is None:
+        return dict(options)
+    defaults = {**_model_defaults(), "guidance_scale": 1.0}  # sampling.guidance_scale 1 = no guidance
+    passed = {}
+    for key, value in options.items():
+        if key in declared:
+            passed[key] = value
+        elif not (key in SHARED_OPTIONS or (key in defaults and _is_default(value, defaults[key]))):
+            own = [o for o in declared if o in defaults and o not in _CONFIG_KEYS]
+            raise ValueError(f"{_CONFIG_KEYS.get(key, f'model.{key}')}: not an option of model {name!r} "
+                             f"(its options: {', '.join(own)})")
+    return passed
+
+
+def create_policy(name: str, **options) -> PolicyAdapter:
+    """The adapter registered as ``name`` (``package.module:name`` imports a plugin module first),
+    built from ``options`` once ``check_policy_options`` accepted them."""
+    return _factory(name)(**check_policy_options(name, options))

@@ -199,9 +199,9 @@ class FluxPolicy(LatentPipelinePolicy):
 
 @register_policy("flux")
 def _flux_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 3.5,
-                  true_cfg_scale: float = 1.0, resolution: int = 0, max_sequence_length: int = 512,
-                  lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets=None,
-                  gradient_checkpointing: bool = False, preview_decoder: str = "", progress: bool = True, **_):
+                  true_cfg_scale: float = 1.0, resolution: int = 0, max_sequence_length: int = 128,
+                  lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets: str = "",
+                  gradient_checkpointing: bool = False, preview_decoder: str = "", progress: bool = True):
     return FluxPolicy(path, device=device, dtype=dtype, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
                       resolution=resolution, max_sequence_length=max_sequence_length, lora_rank=lora_rank,
                       lora_alpha=lora_alpha, lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing,

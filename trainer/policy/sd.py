@@ -107,8 +107,8 @@ class SDPolicy(LatentPipelinePolicy):
 
 @register_policy("sd")
 def _sd_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 5.0,
-                resolution: int = 0, lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets=None,
-                gradient_checkpointing: bool = False, preview_decoder: str = "", **_):
+                resolution: int = 0, lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets: str = "",
+                gradient_checkpointing: bool = False, preview_decoder: str = ""):
     return SDPolicy(path, device=device, dtype=dtype, guidance_scale=guidance_scale, resolution=resolution,
                     lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
                     gradient_checkpointing=gradient_checkpointing, preview_decoder=preview_decoder)

@@ -107,8 +107,8 @@ class SD3Policy(LatentPipelinePolicy):
 @register_policy("sd3")
 def _sd3_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 4.5,
                  resolution: int = 0, max_sequence_length: int = 128, text_encoder_3: bool = True,
-                 lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets=None,
-                 gradient_checkpointing: bool = False, preview_decoder: str = "", **_):
+                 lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets: str = "",
+                 gradient_checkpointing: bool = False, preview_decoder: str = ""):
     return SD3Policy(path, device=device, dtype=dtype, guidance_scale=guidance_scale, resolution=resolution,
                      max_sequence_length=max_sequence_length, text_encoder_3=text_encoder_3, lora_rank=lora_rank,
                      lora_alpha=lora_alpha, lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing,

@@ -223,7 +223,7 @@ class ToyDigitPolicy(FineTunedPolicy):
 @register_policy("toy_digits")
 def _toy_factory(path: str = "", pretrain_steps: int = 0, lora_rank: int = 0,
                  lora_alpha: float = 0.0, device: str = "cpu", progress: bool = True, seed: int = 0,
-                 lora_targets=None, dtype: str = "fp32", guidance_scale: float = 1.0, **_):
+                 lora_targets: str = "", dtype: str = "fp32", guidance_scale: float = 1.0):
     if guidance_scale != 1.0:
         raise ValueError(f"sampling.guidance_scale: the toy digit model has no unconditional branch; expected 1.0, "
                          f"got {guidance_scale}")

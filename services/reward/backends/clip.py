@@ -44,7 +44,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 def _require_dir(path: str | None, option: str, reward: str) -> Path:
     if not path:
         raise InvalidArgument(f"reward {reward!r}: option '{option}' is required: a local directory holding a CLIP "
-                              "model and its processor files (see README, Rewards)")
+                              "model and its processor files (see docs/rewards.md)")
     directory = Path(path).expanduser()
     if not (directory / "config.json").is_file():
         raise InvalidArgument(f"reward {reward!r}: {option}={path}: expected a directory with config.json "
@@ -214,7 +214,7 @@ def load_linear_head(path: Path, in_features: int, device: str) -> list[tuple[to
 
     if not path.is_file():
         raise InvalidArgument(f"reward 'aesthetic': head={path}: no such file (expected a safetensors file with "
-                              "layers.<i>.weight / layers.<i>.bias, see README)")
+                              "layers.<i>.weight / layers.<i>.bias, see docs/rewards.md)")
     state = load_file(str(path))
     indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")})
     if not indices:
