@@ -26,7 +26,8 @@ import torch
 from epgrpo.trainer.clients import PrunerClient, RewardClient
 from epgrpo.trainer.config import load_config
 from epgrpo.trainer.launch import LocalStack
-from epgrpo.trainer.loop import DIGIT_PROMPTS, Trainer
+from epgrpo.trainer.loop import Trainer
+from epgrpo.trainer.prompts import DIGIT_PROMPTS
 from epgrpo.trainer.policy.toy import ToyDigitPolicy, ToyRecipe
 
 

@@ -76,6 +76,31 @@ def tuples(state):
     return tuple(tuples(s) for s in state) if isinstance(state, list) else state
 
 
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as tensors ("state.<param index>.<name>") and JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}  # betas
+              for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": groups})
+
+
 def save_checkpoint(trainer, directory: str | Path) -> Path:
     """Writes everything needed to continue ``trainer`` after its last completed iteration
     (``trainer.completed_iteration``) to ``directory`` (replaced atomically); returns it.

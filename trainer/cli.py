@@ -139,7 +139,7 @@ def run_analysis(config: cfg.Config, groups: int, group_size: int, keep: int):
     from pathlib import Path
 
     from epgrpo.trainer.analysis import analyze, collect
-    from epgrpo.trainer.loop import DIGIT_PROMPTS, load_prompts
+    from epgrpo.trainer.prompts import DIGIT_PROMPTS, load_prompts
 
     rewards = cfg.parse_rewards(config.reward.rewards, "reward.rewards")
     # the prompts the run trains on (train.prompt_file), else the evaluation prompts, else the digits

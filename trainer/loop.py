@@ -19,55 +19,22 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from epgrpo.trainer import config as cfg
-from epgrpo.trainer.checkpoint import (checkpoint_dir, jsonable, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                       save_checkpoint, tuples)
+from epgrpo.trainer.checkpoint import (checkpoint_dir, jsonable, latest_checkpoint, load_checkpoint,
+                                       load_optimizer_state, optimizer_state, prune_checkpoints, save_checkpoint,
+                                       tuples)
 from epgrpo.trainer.clients import PrunerClient, RetryBudget, RewardClient, ServicesUnavailable
 from epgrpo.trainer.distributed import Distributed
 from epgrpo.trainer.ema import EMA
 from epgrpo.trainer.grpo import PromptStatTracker
 from epgrpo.trainer.optimize import policy_update, trained_steps
 from epgrpo.trainer.policy.base import PolicyAdapter
-from epgrpo.trainer.pruning import FallbackPruneSession, select_or_keep_all
+from epgrpo.trainer.prompts import DIGIT_PROMPTS, load_prompts
+from epgrpo.trainer.pruning import FallbackPruneSession, select_after_sampling
 from epgrpo.trainer.report import MetricsWriter, plot_curves, save_grid
 from epgrpo.trainer.rollout import RolloutResult, rollout_steps, sample_eval, sample_seeds, sde_window, train_step_subset
 from epgrpo.trainer.waves import concat_results, run_waves, split_waves
 
 log = logging.getLogger("epgrpo.trainer")
-
-DIGIT_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
-
-
-def load_prompts(path: str, field: str) -> list[str]:
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{field}: {path} holds no prompt")
-    return prompts
-
-
-def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state as tensors ("state.<param index>.<name>") and JSON-able rest."""
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, state in sd["state"].items():
-        for name, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value
-            else:
-                scalars.setdefault(str(index), {})[name] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}  # betas
-              for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": groups})
-
 
 def resolve_device(name: str) -> str:
     if name == "auto":
@@ -253,23 +220,6 @@ class Trainer:
         raw = {name: np.concatenate([named[name] for _, named in scored]) for name in scored[0][1]}
         return batch, rewards, raw, rollout_s
 
-    def select_after_sampling(self, batch: RolloutResult, rewards: np.ndarray, iteration: int) -> torch.Tensor:
-        """full_ovf: the pruner picks each group's max-variance subset of the final rewards."""
-        rows = []
-        for g in torch.unique(batch.group_index).tolist():
-            members = (batch.group_index == g).nonzero().flatten()
-            ids = batch.trajectory_ids[members].tolist()
-            if self.c.pruner.on_unavailable == "no_prune":
-                kept, fell_back = select_or_keep_all(self.pruner, f"it{iteration}-g{g}", ids,
-                                                     rewards[members.cpu().numpy()], self.keep)
-                self.fallback_groups += fell_back
-                kept = set(kept)
-            else:
-                kept = set(self.pruner.select_by_scores(f"it{iteration}-g{g}", ids, rewards[members.cpu().numpy()],
-                                                        self.keep))
-            rows += [m for m, t in zip(members.tolist(), ids) if t in kept]
-        return torch.tensor(sorted(rows), device=batch.group_index.device)
-
     def iteration(self, iteration: int) -> dict:
         c, dist = self.c, self.dist
         start = time.perf_counter()
@@ -283,7 +233,9 @@ class Trainer:
                                                                first_group)
         all_rewards = dist.gather(torch.from_numpy(rewards).double()).numpy()
         if c.prune.mode == "full_ovf":
-            rows = self.select_after_sampling(batch, rewards, iteration)
+            rows, fell_back = select_after_sampling(self.pruner, batch, rewards, iteration, self.keep,
+                                                    fallback=c.pruner.on_unavailable == "no_prune")
+            self.fallback_groups += fell_back
             batch, rewards = batch.keep(rows), rewards[rows.cpu().numpy()]
         # all ranks see all kept rewards: identical advantages and stat tracker everywhere
         kept_rewards = dist.gather(torch.from_numpy(rewards).double())

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+import torch
+
 from epgrpo.trainer.clients import ServiceCallError
 from epgrpo.trainer.rollout import GroupState
 
@@ -52,3 +54,22 @@ def select_or_keep_all(pruner, group_id: str, ids: list[int], scores, keep: int)
             raise
         log.warning("group %s: pruner unavailable (%s); trained unpruned", group_id, e)
         return list(ids), True
+
+
+def select_after_sampling(pruner, batch, rewards, iteration: int, keep: int, fallback: bool) -> tuple:
+    """``full_ovf``: the pruner picks each group's max-variance subset of the final rewards.
+    Returns the kept rows of ``batch`` and how many groups went on unpruned (``fallback``: the
+    pruner was unreachable for them)."""
+    rows, fell_back = [], 0
+    for g in torch.unique(batch.group_index).tolist():
+        members = (batch.group_index == g).nonzero().flatten()
+        ids = batch.trajectory_ids[members].tolist()
+        scores = rewards[members.cpu().numpy()]
+        if fallback:
+            kept, unpruned = select_or_keep_all(pruner, f"it{iteration}-g{g}", ids, scores, keep)
+            fell_back += unpruned
+        else:
+            kept = pruner.select_by_scores(f"it{iteration}-g{g}", ids, scores, keep)
+        kept = set(kept)
+        rows += [m for m, t in zip(members.tolist(), ids) if t in kept]
+    return torch.tensor(sorted(rows), device=batch.group_index.device), fell_back

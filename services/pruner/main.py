@@ -53,7 +53,7 @@ def build_registrar(
     register.scorer = scorer
     # Bytes held per request byte while a checkpoint is served (services/common/admission.py): the
     # message, its previews as an array, the pixel decoder's float temporaries, the uint8 images
-    # and their Score requests upstream; measured 5.2x for float32 previews (tests/test_memory_budget.py).
+    # and their Score requests upstream; measured 5.2x for float32 previews (tests/test_memory_flood.py).
     register.budget_factors = {f"/{PRUNER_SERVICE}/PruneRollout": PREVIEW_WORKING_SET_FACTOR,
                                f"/{PRUNER_SERVICE}/Prune": PREVIEW_WORKING_SET_FACTOR}
     return register

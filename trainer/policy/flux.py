@@ -128,8 +128,7 @@ class FluxPolicy(LatentPipelinePolicy):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Encodes each distinct prompt once (T5-XXL is large), then gathers rows. With true CFG the
         negative prompt is encoded once, on its own as the pipeline does, and cached."""
-        unique = list(dict.fromkeys(prompts))
-        rows = torch.tensor([unique.index(p) for p in prompts], device=self.device)
+        unique, rows = self.distinct(prompts)
         embeds, pooled = self._encode(unique)
         cond = {"prompt_embeds": embeds[rows], "pooled_projections": pooled[rows]}
         if self.cfg:

@@ -52,6 +52,18 @@ class LatentPipelinePolicy(FineTunedPolicy):
     trained_component = "transformer"  # "unet" for SD 1.x/2.x
     pipe = vae = None
     path = ""
+    guidance_scale = 1.0
+
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance: both branches in one batch, 2 model calls per sample."""
+        return self.guidance_scale > 1.0
+
+    def distinct(self, prompts: list[str]) -> tuple[list[str], torch.Tensor]:
+        """The distinct prompts (text encoders are large: each is encoded once) and, per prompt,
+        the row of its encoding."""
+        unique = list(dict.fromkeys(prompts))
+        return unique, torch.tensor([unique.index(p) for p in prompts], device=self.device)
 
     def adopt_pipeline(self, pipe, path: str, *, device: torch.device, dtype: torch.dtype, lora_rank: int = 0,
                        lora_alpha: float = 0.0, lora_targets=None, gradient_checkpointing: bool = False) -> None:

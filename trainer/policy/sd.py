@@ -70,15 +70,10 @@ class SDPolicy(LatentPipelinePolicy):
         side = resolution // pipe.vae_scale_factor
         self.latent_shape = (pipe.unet.config.in_channels, side, side)
 
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Encodes each distinct prompt once, then gathers rows; the negative prompt is the
         pipeline's default, the empty prompt."""
-        unique = list(dict.fromkeys(prompts))
-        rows = torch.tensor([unique.index(p) for p in prompts], device=self.device)
+        unique, rows = self.distinct(prompts)
         with torch.no_grad():
             embeds, neg_embeds = self.pipe.encode_prompt(unique, self.device, 1, self.cfg, negative_prompt=None)
         cond = {"prompt_embeds": embeds[rows]}

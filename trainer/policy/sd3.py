@@ -58,7 +58,7 @@ class SD3Policy(LatentPipelinePolicy):
                             lora_alpha=lora_alpha, lora_targets=lora_targets,
                             gradient_checkpointing=gradient_checkpointing)
         self.guidance_scale = float(guidance_scale)
-        self.nfe_per_sample = 2 if self.guidance_scale > 1.0 else 1
+        self.nfe_per_sample = 2 if self.cfg else 1
         self.max_sequence_length = max_sequence_length
         if preview_decoder:
             self.preview_decoder = preview_decoder
@@ -70,14 +70,9 @@ class SD3Policy(LatentPipelinePolicy):
         side = resolution // pipe.vae_scale_factor
         self.latent_shape = (pipe.transformer.config.in_channels, side, side)
 
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Encodes each distinct prompt once (text encoders are large), then gathers rows."""
-        unique = list(dict.fromkeys(prompts))
-        rows = torch.tensor([unique.index(p) for p in prompts], device=self.device)
+        unique, rows = self.distinct(prompts)
         with torch.no_grad():
             embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
                 prompt=unique, prompt_2=None, prompt_3=None, device=self.device,

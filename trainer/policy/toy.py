@@ -220,12 +220,20 @@ class ToyDigitPolicy(FineTunedPolicy):
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
-@register_policy("toy_digits")
-def _toy_factory(path: str = "", pretrain_steps: int = 0, lora_rank: int = 0,
-                 lora_alpha: float = 0.0, device: str = "cpu", progress: bool = True, seed: int = 0,
-                 lora_targets: str = "", dtype: str = "fp32", guidance_scale: float = 1.0):
-    if guidance_scale != 1.0:
-        raise ValueError(f"sampling.guidance_scale: the toy digit model has no unconditional branch; expected 1.0, "
-                         f"got {guidance_scale}")
-    recipe = ToyRecipe(pretrain_steps=pretrain_steps or ToyRecipe.pretrain_steps, seed=seed)
-    return ToyDigitPolicy(path or None, recipe, lora_rank, lora_alpha, device, progress, lora_targets, dtype)
+def toy_factory(policy_class: type["ToyDigitPolicy"]):
+    """The factory of a toy digit model (its options are what ``model.*`` may set for it)."""
+
+    def factory(path: str = "", pretrain_steps: int = 0, lora_rank: int = 0, lora_alpha: float = 0.0,
+                device: str = "cpu", progress: bool = True, seed: int = 0, lora_targets: str = "",
+                dtype: str = "fp32", guidance_scale: float = 1.0):
+        if guidance_scale != 1.0:
+            raise ValueError(f"sampling.guidance_scale: the toy digit model has no unconditional branch; expected "
+                             f"1.0, got {guidance_scale}")
+        recipe_class = policy_class.recipe_class
+        recipe = recipe_class(pretrain_steps=pretrain_steps or recipe_class.pretrain_steps, seed=seed)
+        return policy_class(path or None, recipe, lora_rank, lora_alpha, device, progress, lora_targets, dtype)
+
+    return factory
+
+
+register_policy("toy_digits")(toy_factory(ToyDigitPolicy))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from epgrpo.trainer.policy.base import register_policy
-from epgrpo.trainer.policy.toy import ToyDigitPolicy, ToyRecipe, _predict, ensure_pretrained, pretrain
+from epgrpo.trainer.policy.toy import ToyDigitPolicy, ToyRecipe, _predict, ensure_pretrained, pretrain, toy_factory
 from epgrpo.trainer.samplers import DDIMSampler, Sampler, SamplerOptions
 
 
@@ -77,12 +77,4 @@ class ToyDdpmPolicy(ToyDigitPolicy):
         return DDIMSampler.from_scheduler(self.scheduler, num_steps, options.eta).to(self.device)
 
 
-@register_policy("toy_digits_ddpm")
-def _toy_ddpm_factory(path: str = "", pretrain_steps: int = 0, lora_rank: int = 0,
-                      lora_alpha: float = 0.0, device: str = "cpu", progress: bool = True, seed: int = 0,
-                      lora_targets: str = "", dtype: str = "fp32", guidance_scale: float = 1.0):
-    if guidance_scale != 1.0:
-        raise ValueError(f"sampling.guidance_scale: the toy digit model has no unconditional branch; expected 1.0, "
-                         f"got {guidance_scale}")
-    recipe = ToyDdpmRecipe(pretrain_steps=pretrain_steps or ToyDdpmRecipe.pretrain_steps, seed=seed)
-    return ToyDdpmPolicy(path or None, recipe, lora_rank, lora_alpha, device, progress, lora_targets, dtype)
+register_policy("toy_digits_ddpm")(toy_factory(ToyDdpmPolicy))
