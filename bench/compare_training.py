@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from epgrpo.trainer.clients import PrunerClient, RewardClient
+from epgrpo.trainer.clients import PrunerClient
+
+from epgrpo.trainer.reward_client import RewardClient
 from epgrpo.trainer.config import load_config
 from epgrpo.trainer.launch import LocalStack
 from epgrpo.trainer.loop import Trainer

@@ -295,7 +295,8 @@ def test_every_kind_of_method_is_admitted_and_released(background_server):
 
 
 def test_what_can_never_fit_is_refused_without_the_retry_mark(background_server, reward_registrar):
-    from epgrpo.trainer.clients import RewardClient, ServiceCallError
+    from epgrpo.trainer.clients import ServiceCallError
+    from epgrpo.trainer.reward_client import RewardClient
 
     # 32 MiB budget, 24 MiB messages: a 20 MiB request would hold 40 MiB while served.
     server = background_server(reward_registrar, ServerConfig(max_inflight_bytes=32 * MiB, max_message_bytes=24 * MiB))

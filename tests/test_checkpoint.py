@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from epgrpo.trainer.checkpoint import latest_checkpoint, save_checkpoint
-from epgrpo.trainer.clients import PrunerClient, RewardClient
+from epgrpo.trainer.clients import PrunerClient
+from epgrpo.trainer.reward_client import RewardClient
 from epgrpo.trainer.config import load_config
 from epgrpo.trainer.loop import Trainer
 

@@ -63,7 +63,7 @@ def test_help_explains_every_option():
     fields = list(cfg.iter_fields())
     starts = {}
     for key, *_ in fields:
-        match = re.search(rf"^\s+{re.escape(key)}\b", out, re.MULTILINE)
+        match = re.search(rf"^  {re.escape(key)} \(", out, re.MULTILINE)  # "  key (type, default ...)"
         assert match, f"{key}: not in `epgrpo train --help`"
         starts[key] = match.start()
     ends = sorted(starts.values())[1:] + [len(out)]

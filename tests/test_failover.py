@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from epgrpo.protos.channel import REWARD_SERVICE
 from epgrpo.services.pruner.main import build_registrar as pruner_registrar
-from epgrpo.trainer.clients import (PrunerClient, RetryBudget, RewardClient, ServiceCallError,
-                                    ServicesUnavailable)
+from epgrpo.trainer.clients import PrunerClient, RetryBudget, ServiceCallError, ServicesUnavailable
+from epgrpo.trainer.reward_client import RewardClient
 from epgrpo.trainer.config import load_config
 from epgrpo.trainer.launch import LocalService
 from epgrpo.trainer.loop import Trainer

@@ -71,7 +71,7 @@ OVERHEAD_MIB = 80
 
 @pytest.mark.slow
 def test_a_flood_of_near_limit_requests_stays_within_the_budget(tmp_path):
-    from epgrpo.trainer.clients import RewardClient
+    from epgrpo.trainer.reward_client import RewardClient
     from epgrpo.trainer.launch import LocalService
 
     budget_mib, limit_mib = 200, 40

@@ -14,7 +14,7 @@ from epgrpo.trainer.samplers import FlowSampler
 class NaNRewards:
     """A reward source that returns NaN for one sample (e.g. a broken external scorer)."""
 
-    def score(self, images, prompts, rewards, request_id=""):
+    def score(self, images, prompts, rewards, request_id="", groups=None):
         values = np.linspace(0, 1, len(images)).astype(np.float32)
         values[1] = np.nan
         return values, {"digit": values}

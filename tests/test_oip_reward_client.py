@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from epgrpo.services.reward.main import build_registrar
-from epgrpo.trainer.clients import RewardClient
+from epgrpo.trainer.reward_client import RewardClient
 from epgrpo.trainer.oip_reward import OipRewardClient, OipRewardError, OipTarget, is_oip_address
 
 

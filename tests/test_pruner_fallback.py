@@ -5,7 +5,9 @@ import re
 import pytest
 from conftest import free_port
 
-from epgrpo.trainer.clients import PrunerClient, RewardClient, ServicesUnavailable
+from epgrpo.trainer.clients import PrunerClient, ServicesUnavailable
+
+from epgrpo.trainer.reward_client import RewardClient
 from epgrpo.trainer.config import load_config
 from epgrpo.trainer.loop import Trainer
 

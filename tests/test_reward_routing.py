@@ -7,7 +7,8 @@ import pytest
 
 from epgrpo.protos.codec import batch_slices
 from epgrpo.services.reward.scorer import RewardScorer
-from epgrpo.trainer.clients import PrunerClient, RewardClient, RewardRouter, reward_client_from_config
+from epgrpo.trainer.clients import PrunerClient
+from epgrpo.trainer.reward_client import RewardClient, RewardRouter, reward_client_from_config
 from epgrpo.trainer.config import load_config
 from epgrpo.trainer.loop import Trainer
 

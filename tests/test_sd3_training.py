@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from epgrpo.trainer.clients import PrunerClient, RewardClient
+from epgrpo.trainer.clients import PrunerClient
+
+from epgrpo.trainer.reward_client import RewardClient
 from epgrpo.trainer.config import load_config
 from epgrpo.trainer.loop import Trainer
 from epgrpo.trainer.policy.base import create_policy

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from epgrpo.trainer.clients import PrunerClient, RewardClient
+from epgrpo.trainer.clients import PrunerClient
+
+from epgrpo.trainer.reward_client import RewardClient
 from epgrpo.trainer.config import load_config
 from epgrpo.trainer.loop import Trainer
 

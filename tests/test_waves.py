@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from epgrpo.trainer.clients import PrunerClient, RewardClient
+from epgrpo.trainer.clients import PrunerClient
+
+from epgrpo.trainer.reward_client import RewardClient
 from epgrpo.trainer.config import load_config
 from epgrpo.trainer.loop import Trainer
 from epgrpo.trainer.rollout import rollout, rollout_steps, sample_seeds

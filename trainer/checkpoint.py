@@ -11,12 +11,14 @@ would be), so a checkpoint is safe to load from anywhere.
                                 prompt-sampler RNG state, stat tracker, NFE and EMA counters, config
         rng_rank<r>.safetensors torch CPU/CUDA generator states of rank r
         rng_rank<r>.json        numpy and python RNG states of rank r
+        sharded/                with train.fsdp, instead of the three tensor files: each rank's shards of
+                                the weights, optimizer state and EMA (torch.distributed.checkpoint)
         metrics.jsonl, eval.jsonl  the run's metrics up to this iteration
 
 Per-trajectory noise, SDE windows, trained-step subsets and pruner seeds derive from
 (seed, iteration), so they need no state. Resuming N + M iterations reproduces an uninterrupted
 run bit for bit on CPU (tested). With several ranks every rank must call ``save_checkpoint``
-(each writes its own RNG file; rank 0 writes the rest).
+(each writes its own RNG file; rank 0 writes the rest; with FSDP each writes its shards).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger("epgrpo.checkpoint")
 
 METRIC_FILES = ("metrics.jsonl", "eval.jsonl")
+SHARDED_DIR = "sharded"  # with train.fsdp: torch.distributed.checkpoint's files, one per rank, plus .metadata
 # Trainer.state_dict() names its tensors "<group>/<name>"; each group is the file <group>.safetensors
 # (ema only with train.ema).
 TENSOR_FILES = ("weights", "optimizer", "ema")
@@ -117,11 +120,17 @@ def save_checkpoint(trainer, directory: str | Path) -> Path:
     dist.barrier()
     # rank 0's folder is not here: this node's disk is its own; its local rank 0 writes a full copy
     writer = dist.is_main or (dist.local_rank == 0 and not tmp.is_dir())
+    sharded = getattr(trainer, "fsdp", None) is not None
+    if sharded and dist.sum([float(writer and not dist.is_main)])[0]:  # decided together: no rank left waiting
+        raise ValueError(f"train.fsdp: sharded checkpoints need an out_dir every rank shares; {tmp.parent} is "
+                         f"node-local (rank 0's folder is not visible on every node)")
     dist.barrier()  # every rank has looked before any creates the folder on its own disk
     tmp.mkdir(parents=True, exist_ok=True)
     rng_tensors, rng_meta = _rng_state()
     save_file(_tensors(rng_tensors), tmp / f"rng_rank{dist.rank}.safetensors")
     (tmp / f"rng_rank{dist.rank}.json").write_text(json.dumps(rng_meta))
+    if sharded:
+        trainer.fsdp.save(tmp / SHARDED_DIR, trainer.optimizer, trainer.ema)  # every rank writes its own shards
     if writer:
         _write_replicated_state(trainer, tmp)
     dist.barrier()  # every rank's RNG file is in place
@@ -136,7 +145,8 @@ def _write_replicated_state(trainer, tmp: Path) -> None:
     """What every rank holds identically: ``trainer.state_dict()`` (a safetensors file per tensor
     group, the rest as state.json) and the metric files."""
     tensors, meta = trainer.state_dict()
-    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in TENSOR_FILES if g != "ema" or "ema" in meta}
+    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in TENSOR_FILES if (g != "ema" or "ema" in meta)
+                                                  and "fsdp" not in meta}  # FSDP: the tensors are in sharded/
     for key, value in tensors.items():
         group, _, name = key.partition("/")
         if group not in groups:
@@ -174,6 +184,9 @@ def load_checkpoint(trainer, directory: str | Path) -> int:
                for name, value in load_file(directory / f"{group}.safetensors").items()}
     try:
         trainer.load_state_dict(tensors, state)
+        if "fsdp" in state:
+            trainer.fsdp.load(directory / SHARDED_DIR, trainer.optimizer, trainer.ema,
+                              with_optimizer=state["fsdp"]["optimizer_state"])
     except ValueError as e:
         raise ValueError(f"{e} ({directory})") from None
     rank = trainer.dist.rank if (directory / f"rng_rank{trainer.dist.rank}.json").is_file() else 0

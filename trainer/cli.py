@@ -21,7 +21,7 @@ from epgrpo.trainer import config as cfg
 def _options_help() -> str:
     lines = ["options (set in the YAML file or as key=value overrides):"]
     for key, t, default, help_text in cfg.iter_fields():
-        lines.append(f"  {key} ({t.__name__}, default {default!r})")
+        lines.append(f"  {key} ({cfg.type_name(t)}, default {default!r})")
         lines += textwrap.wrap(help_text, 90, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
 
@@ -66,7 +66,9 @@ def connected(config: cfg.Config):
     """(policy, reward client, pruner client), with local services started when configured."""
     from pathlib import Path
 
-    from epgrpo.trainer.clients import PrunerClient, reward_client_from_config
+    from epgrpo.trainer.clients import PrunerClient
+
+    from epgrpo.trainer.reward_client import reward_client_from_config
     from epgrpo.trainer.distributed import Distributed
     from epgrpo.trainer.launch import LocalStack
     from epgrpo.trainer.loop import resolve_device
@@ -173,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(yaml.safe_dump(cfg.to_dict(config), sort_keys=False), end="")
         return 0
+    if args.command == "train" and config.log.wandb:  # before services start and models load
+        from epgrpo.trainer.wandb_log import import_wandb
+
+        try:
+            import_wandb()
+        except ImportError as e:
+            print(f"epgrpo: error: {e}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "analyze":

@@ -13,17 +13,15 @@ import logging
 import queue
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
 import grpc
 import numpy as np
 
 from epgrpo.protos import codec
-from epgrpo.protos.channel import (PRUNER_SERVICE, REWARD_SERVICE, ChannelSecurity, create_channel,
-                                   is_budget_rejection, read_token)
-from epgrpo.protos.v1 import pruner_pb2, pruner_pb2_grpc, reward_pb2, reward_pb2_grpc, tensor_pb2
+from epgrpo.protos.channel import PRUNER_SERVICE, ChannelSecurity, create_channel, is_budget_rejection, read_token
+from epgrpo.protos.v1 import pruner_pb2, pruner_pb2_grpc, tensor_pb2
 from epgrpo.trainer.rollout import GroupState
 
 log = logging.getLogger("epgrpo.clients")
@@ -98,157 +96,20 @@ class RetryBudget:
                     on_retry()
 
 
-def _specs(rewards: Sequence[tuple[str, float]]) -> list[tensor_pb2.RewardSpec]:
+def reward_specs(rewards: Sequence[tuple[str, float]]) -> list[tensor_pb2.RewardSpec]:
     return [tensor_pb2.RewardSpec(name=n, weight=w) for n, w in rewards]
 
 
-def security_from(section, token_env: str) -> ChannelSecurity:
+def security_from(section) -> ChannelSecurity:
     """TLS + token of a RewardConfig / PrunerConfig; the token never lives in the config (it
     is written to out_dir): it comes from ``token_file`` or the environment."""
-    token = read_token(section.token_file, (token_env, "EPGRPO_TOKEN"))
+    token = read_token(section.token_file, (section.token_env, "EPGRPO_TOKEN"))
     return ChannelSecurity(tls_ca=section.tls_ca, tls_cert=section.tls_cert, tls_key=section.tls_key,
                            server_name=section.tls_server_name, token=token)
 
 
-def _deadline(base: float, limit: float | None) -> float:
+def capped_deadline(base: float, limit: float | None) -> float:
     return base if limit is None else min(base, limit)
-
-
-class RewardClient:
-    """One reward service. ``score`` sends a batch as byte-bounded chunks (``codec.batch_slices``),
-    up to ``max_in_flight`` at a time, so no legal batch exceeds the message limit and transfer
-    overlaps scoring."""
-
-    def __init__(self, address: str, deadline_s: float = 60.0, max_batch: int = codec.DEFAULT_MAX_REQUEST_ITEMS,
-                 security: ChannelSecurity = ChannelSecurity(), retry_budget_s: float = 120.0,
-                 max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES, max_in_flight: int = 4):
-        self.address = address
-        self.channel = create_channel(address, [REWARD_SERVICE], security=security)
-        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
-        self.deadline_s = deadline_s
-        self.max_batch = max_batch
-        self.max_request_bytes = max_request_bytes
-        self.retry = RetryBudget(retry_budget_s)
-        self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="reward-chunk")
-
-    @classmethod
-    def from_config(cls, section) -> "RewardClient":
-        """From ``config.reward``; token from ``token_file``, $EPGRPO_REWARD_TOKEN or $EPGRPO_TOKEN."""
-        return cls(section.address, deadline_s=section.deadline_s, retry_budget_s=section.retry_budget_s,
-                   security=security_from(section, "EPGRPO_REWARD_TOKEN"))
-
-    def _call(self, method: str, request, what: str):
-        def attempt(limit):
-            try:
-                return getattr(self.stub, method)(request, timeout=_deadline(self.deadline_s, limit))
-            except grpc.RpcError as e:
-                raise ServiceCallError("reward", method, e) from e
-
-        return self.retry.call(attempt, f"reward service ({self.address}) {what}")
-
-    def list_rewards(self) -> dict[str, str]:
-        response = self._call("ListRewards", reward_pb2.ListRewardsRequest(), "ListRewards")
-        return {r.name: r.description for r in response.rewards}
-
-    def require(self, names: Sequence[str], field: str) -> None:
-        """Fails fast, before any work, when the service does not serve a reward we need."""
-        served = self.list_rewards()
-        missing = [n for n in names if n not in served]
-        if missing:
-            raise ValueError(f"{field}: reward service does not serve {', '.join(missing)}; it serves: {', '.join(sorted(served))}")
-
-    def score(self, images: np.ndarray, prompts: Sequence[str], rewards: Sequence[tuple[str, float]],
-              request_id: str = "") -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Combined scores [N] and each reward's raw scores. Scoring is idempotent, so a chunk that
-        failed on a dead replica is simply sent again (each chunk has its own retry budget)."""
-        slices = codec.batch_slices(len(images), images[:1].nbytes, self.max_request_bytes, self.max_batch)
-
-        def send(k: int, part: slice) -> reward_pb2.ScoreResponse:
-            request = reward_pb2.ScoreRequest(
-                images=codec.encode(np.ascontiguousarray(images[part])), prompts=list(prompts[part]),
-                rewards=_specs(rewards), request_id=request_id if len(slices) == 1 else f"{request_id}#{k}",
-            )
-            return self._call("Score", request, f"Score {request.request_id}")
-
-        if len(slices) <= 1:
-            responses = [send(0, part) for part in slices]
-        else:
-            futures = [self._pool.submit(send, k, part) for k, part in enumerate(slices)]
-            try:
-                responses = [f.result() for f in futures]
-            finally:
-                for f in futures:
-                    f.cancel()
-        if not responses:
-            return np.zeros(0, np.float32), {name: np.zeros(0, np.float32) for name, _ in rewards}
-        combined = np.concatenate([np.asarray(r.scores, dtype=np.float32) for r in responses])
-        raw: dict[str, list] = {}
-        for response in responses:
-            for r in response.per_reward:
-                raw.setdefault(r.name, []).append(np.asarray(r.scores, dtype=np.float32))
-        return combined, {k: np.concatenate(v) for k, v in raw.items()}
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self.channel.close()
-
-
-class RewardRouter:
-    """Rewards spread over several reward services (``reward.services``): each reward is scored
-    by its own service, or by the default one. The combined score is the sum of each service's
-    weighted sum, i.e. the single-service combination split by reward."""
-
-    def __init__(self, default: RewardClient, routes: dict[str, RewardClient]):
-        self.default, self.routes = default, dict(routes)
-        self.address = default.address
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.clients())), thread_name_prefix="reward-route")
-
-    def clients(self) -> list[RewardClient]:
-        return list({id(c): c for c in (self.default, *self.routes.values())}.values())
-
-    def split(self, rewards: Sequence[tuple[str, float]]) -> list[tuple[RewardClient, list[tuple[str, float]]]]:
-        parts: dict[int, tuple[RewardClient, list]] = {}
-        for name, weight in rewards:
-            client = self.routes.get(name, self.default)
-            parts.setdefault(id(client), (client, []))[1].append((name, weight))
-        return list(parts.values())
-
-    def require(self, names: Sequence[str], field: str) -> None:
-        for client, specs in self.split([(n, 1.0) for n in names]):
-            client.require([n for n, _ in specs], field)
-
-    def score(self, images: np.ndarray, prompts: Sequence[str], rewards: Sequence[tuple[str, float]],
-              request_id: str = "") -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        parts = self.split(rewards)
-        futures = [self._pool.submit(client.score, images, prompts, specs, request_id) for client, specs in parts]
-        results = [f.result() for f in futures]
-        combined = np.sum([c.astype(np.float64) for c, _ in results], axis=0).astype(np.float32)
-        return combined, {name: values for _, raw in results for name, values in raw.items()}
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for client in self.clients():
-            client.close()
-
-
-def reward_client_from_config(section) -> "RewardClient | RewardRouter":
-    """``config.reward``: one client, or a router when ``reward.services`` names per-reward services
-    (each entry an address, or a mapping overriding any of the section's connection options)."""
-    clients: dict[tuple, RewardClient] = {}
-
-    def client(overrides: dict) -> RewardClient:
-        merged = replace(section, **overrides)
-        key = tuple(sorted((k, str(v)) for k, v in overrides.items()))
-        if key not in clients:
-            clients[key] = RewardClient.from_config(merged)
-        return clients[key]
-
-    default = client({})
-    if not section.services:
-        return default
-    routes = {name: client({"address": entry} if isinstance(entry, str) else dict(entry))
-              for name, entry in section.services.items()}
-    return RewardRouter(default, routes)
 
 
 class PrunerClient:
@@ -269,13 +130,13 @@ class PrunerClient:
     def from_config(cls, section) -> "PrunerClient":
         """From ``config.pruner``; token from ``token_file``, $EPGRPO_PRUNER_TOKEN or $EPGRPO_TOKEN."""
         return cls(section.address, deadline_s=section.deadline_s, retry_budget_s=section.retry_budget_s,
-                   security=security_from(section, "EPGRPO_PRUNER_TOKEN"))
+                   security=security_from(section))
 
     def open(self, schedule: Sequence[tuple[int, int]], num_steps: int, proxy_rewards: Sequence[tuple[str, float]],
              strategy: str = "ovf", seed: int = 0, decoder: str = "pixel", rollout_id: str | None = None) -> "PrunerStream":
         message = pruner_pb2.OpenRollout(
             rollout_id=rollout_id or uuid.uuid4().hex, schedule=[pruner_pb2.Checkpoint(step=s, keep=k) for s, k in schedule],
-            strategy=STRATEGIES[strategy], proxy_rewards=_specs(proxy_rewards), seed=seed, num_steps=num_steps,
+            strategy=STRATEGIES[strategy], proxy_rewards=reward_specs(proxy_rewards), seed=seed, num_steps=num_steps,
             decoder=decoder,
         )
         return PrunerStream(self.stub, message, self.deadline_s, self.max_request_bytes)
@@ -284,7 +145,7 @@ class PrunerClient:
         """The pruner's preview decoders by name; None for a pruner that predates ListDecoders."""
         def attempt(limit):
             try:
-                return self.stub.ListDecoders(pruner_pb2.ListDecodersRequest(), timeout=_deadline(30.0, limit))
+                return self.stub.ListDecoders(pruner_pb2.ListDecodersRequest(), timeout=capped_deadline(30.0, limit))
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNIMPLEMENTED:
                     return None
@@ -314,7 +175,7 @@ class PrunerClient:
 
         def attempt(limit):
             try:
-                return list(self.stub.Prune(request, timeout=_deadline(self.deadline_s, limit)).survivor_ids)
+                return list(self.stub.Prune(request, timeout=capped_deadline(self.deadline_s, limit)).survivor_ids)
             except grpc.RpcError as e:
                 raise ServiceCallError("pruner", "Prune", e) from e
 

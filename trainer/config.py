@@ -11,12 +11,17 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-MODES = ("grpo", "full_ovf", "expand_prune", "random_prune")
-EVAL_SAMPLERS = ("auto", "deterministic", "stochastic")
+# Modes are enumerations: a value outside them stops the run naming the field and the choices.
+PruneMode = Literal["grpo", "full_ovf", "expand_prune", "random_prune"]
+EvalSampler = Literal["auto", "deterministic", "stochastic"]
+OnUnavailable = Literal["retry", "no_prune"]
+LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+ComputeDtype = Literal["auto", "fp32", "bf16", "fp16"]
+WandbMode = Literal["", "online", "offline"]
 
 
 def opt(default, help: str):
@@ -45,7 +50,7 @@ class ModelConfig:
                             "Flow-GRPO; sd: to_q, to_k, to_v, to_out.0 of the UNet, as DDPO)")
     device: str = opt("auto", "auto (cuda when present, else cpu), cpu or cuda[:i]; under accelerate launch each "
                       "rank uses its own GPU")
-    dtype: str = opt("auto", "compute dtype: auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16; trainable "
+    dtype: ComputeDtype = opt("auto", "compute dtype: auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16; trainable "
                      "weights stay fp32 and SDE log-probs are computed in fp32")
     resolution: int = opt(0, "sd3, sd, flux: image side in pixels; 0 = the model's default (1024 for SD3.5-M and "
                           "FLUX.1, 512 for SD 1.4; Flow-GRPO trains at 512)")
@@ -79,18 +84,21 @@ class SamplingConfig:
                                 "(FLUX.1-dev: 3.5; 1 NFE, see model.true_cfg_scale); the toy models have no guidance")
     sde_window_size: int = opt(0, "Flow-GRPO-Fast: only this many consecutive steps are stochastic (and trained), at a "
                                "random position per iteration; 0 = every step but the last")
-    sde_window_range: list = opt([], "[lo, hi]: the SDE window lies within steps lo..hi-1; empty = [0, num_steps // 2]")
+    sde_window_range: list[int] = opt([], "[lo, hi]: the SDE window lies within steps lo..hi-1; empty = [0, num_steps // 2]")
 
 
 @dataclass
 class PruneConfig:
-    mode: str = opt("expand_prune", "grpo | full_ovf (sample all, OVF on final rewards) | expand_prune | random_prune")
+    mode: PruneMode = opt("expand_prune", "grpo: group_size samples per prompt, all trained; full_ovf: sample "
+                          "group_size, keep keeps[-1] by optimal-variance filtering of the final rewards; "
+                          "expand_prune: prune at prune.steps on x0-preview scores; random_prune: the same schedule, "
+                          "survivors drawn at random (the ablation)")
     group_size: int = opt(16, "trajectories per prompt at the start (G for grpo, G_max otherwise)")
-    steps: list = opt([5, 7], "pruning steps: at step s the pruner decides on the x0-previews of x_s (from the "
+    steps: list[int] = opt([5, 7], "pruning steps: at step s the pruner decides on the x0-previews of x_s (from the "
                       "model call step s makes anyway) and only the survivors take step s and later ones; a pruned "
                       "trajectory costs s + 1 calls (the toy default prunes late: its previews rank trajectories "
                       "well from x_5 on; see docs/benchmarks.md)")
-    keeps: list = opt([8, 4], "survivors per group after each checkpoint (strictly decreasing)")
+    keeps: list[int] = opt([8, 4], "survivors per group after each checkpoint (strictly decreasing)")
     proxy_rewards: str = opt("", "rewards scoring the x0-previews, 'name:weight,...'; empty = the training rewards")
     seed: int = opt(0, "seed of the random strategy")
 
@@ -117,11 +125,14 @@ class TrainConfig:
     stat_buffer: int = opt(0, "per-prompt advantage statistics: 0 = this iteration's survivors of each prompt "
                            "(Flow-GRPO); N = the prompt's last N rewards across iterations (DDPO)")
     stat_min_count: int = opt(0, "with stat_buffer: prompts with fewer rewards use the whole batch's mean/std")
-    lr_schedule: str = opt("constant", "constant | constant_with_warmup | linear | cosine (over train.iterations)")
+    lr_schedule: LrSchedule = opt("constant", "constant | constant_with_warmup | linear | cosine (over train.iterations)")
     lr_warmup_iterations: int = opt(0, "iterations of linear LR warm-up")
     ema: bool = opt(False, "keep an EMA of the trainable weights; evaluation and the exported weights use it")
     ema_decay: float = opt(0.9, "EMA decay (warmed up as min(decay, (1 + n) / (10 + n)), as Flow-GRPO)")
     ema_every: int = opt(1, "optimizer steps between EMA updates")
+    fsdp: bool = opt(False, "full fine-tuning (model.lora_rank=0) with torch FSDP2 over all ranks: weights, gradients, "
+                     "AdamW and EMA states and the reference copy sharded, 1/N per rank; checkpoints sharded "
+                     "(needs an out_dir every rank shares); with one process it changes nothing")
     checkpoint_every: int = opt(0, "save a checkpoint every N iterations (plus one after the last); 0 = only the last")
     checkpoint_keep: int = opt(2, "iteration checkpoints kept in out_dir/checkpoints; 0 = all")
     resume_from: str = opt("", "checkpoint directory to resume from, or 'latest' (the newest in out_dir/checkpoints; "
@@ -131,7 +142,22 @@ class TrainConfig:
 
 
 @dataclass
-class RewardConfig:
+class ChannelOptions:
+    """TLS and bearer-token options of the connection to one of our services; each service section
+    (reward, pruner, and every reward.services entry) has them. ``token_env`` names the section's
+    token variable (tokens are never part of the config: it is saved with the run)."""
+
+    token_env: typing.ClassVar[str] = ""
+    tls_ca: str = opt("", "PEM CA that signed the {service} server's certificate (turns TLS on); 'system' = system roots")
+    tls_cert: str = opt("", "PEM client certificate, for servers that require mutual TLS")
+    tls_key: str = opt("", "PEM private key of tls_cert")
+    tls_server_name: str = opt("", "name to check in the server certificate when it differs from the address host")
+    token_file: str = opt("", "file holding the bearer token; empty = ${token_env}, else $EPGRPO_TOKEN, else none")
+
+
+@dataclass
+class RewardConfig(ChannelOptions):
+    token_env: typing.ClassVar[str] = "EPGRPO_REWARD_TOKEN"
     address: str = opt("127.0.0.1:50051", "reward service host:port; several replicas as host:port,host:port (IPs) "
                        "or one DNS name resolving to all of them, dns:///name:port (round robin either way)")
     services: dict = opt({}, "a reward service per reward: name -> address (reward.services.ocr=ocr:50051), or name "
@@ -142,28 +168,18 @@ class RewardConfig:
     deadline_s: float = opt(60.0, "deadline of each reward call, seconds")
     retry_budget_s: float = opt(120.0, "retry a failing reward call (UNAVAILABLE, DEADLINE_EXCEEDED) with backoff "
                                 "for up to this many seconds, then save a checkpoint and stop")
-    tls_ca: str = opt("", "PEM CA that signed the reward server's certificate (turns TLS on); 'system' = system roots")
-    tls_cert: str = opt("", "PEM client certificate, for servers that require mutual TLS")
-    tls_key: str = opt("", "PEM private key of tls_cert")
-    tls_server_name: str = opt("", "name to check in the server certificate when it differs from the address host")
-    token_file: str = opt("", "file holding the bearer token; empty = $EPGRPO_REWARD_TOKEN, else $EPGRPO_TOKEN, "
-                          "else none (tokens are never part of the config: it is saved with the run)")
 
 
 @dataclass
-class PrunerConfig:
+class PrunerConfig(ChannelOptions):
+    token_env: typing.ClassVar[str] = "EPGRPO_PRUNER_TOKEN"
     address: str = opt("127.0.0.1:50052", "pruner service host:port (same forms as reward.address)")
     deadline_s: float = opt(600.0, "deadline of a rollout's pruning stream, seconds")
-    on_unavailable: str = opt("retry", "when the pruner is unreachable: retry (re-run the iteration within "
+    on_unavailable: OnUnavailable = opt("retry", "when the pruner is unreachable: retry (re-run the iteration within "
                               "retry_budget_s, then checkpoint and stop) | no_prune (the affected groups go on "
                               "unpruned, counted in metrics as pruner_fallback_groups, and logged)")
     retry_budget_s: float = opt(120.0, "re-run an iteration whose pruning stream broke (pruner or its reward service "
                                 "unavailable) with backoff for up to this many seconds, then save a checkpoint and stop")
-    tls_ca: str = opt("", "PEM CA of the pruner server's certificate (turns TLS on); 'system' = system roots")
-    tls_cert: str = opt("", "PEM client certificate, for servers that require mutual TLS")
-    tls_key: str = opt("", "PEM private key of tls_cert")
-    tls_server_name: str = opt("", "name to check in the server certificate when it differs from the address host")
-    token_file: str = opt("", "file holding the bearer token; empty = $EPGRPO_PRUNER_TOKEN, else $EPGRPO_TOKEN")
 
 
 @dataclass
@@ -174,11 +190,25 @@ class EvalConfig:
     prompt_file: str = opt("", "evaluation prompts, one per line; empty = the training prompts")
     max_prompts: int = opt(10, "evaluate on the first N evaluation prompts")
     num_steps: int = opt(0, "steps of evaluation sampling; 0 = sampling.num_steps")
-    sampler: str = opt("auto", "auto | deterministic | stochastic: deterministic = the probability-flow ODE / DDIM "
+    sampler: EvalSampler = opt("auto", "deterministic = the probability-flow ODE / DDIM "
                        "with eta = 0; stochastic = the trained policy's own sampler (flow SDE / DDIM with "
                        "sampling.eta) with per-sample seeded noise, as DDPO reports; auto = deterministic for flow "
                        "models, stochastic for diffusion models (a DDIM policy trained at eta = 1 is not the "
                        "eta = 0 sampler)")
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = opt(False, "also log to Weights & Biases, from rank 0: the scalars TensorBoard gets (same names), "
+                      "each evaluation's sample grid and reward curve, and the config; a resumed run continues "
+                      "the same W&B run (its id is kept in out_dir/wandb_run_id); W&B's files go to $WANDB_DIR, "
+                      "else out_dir/wandb; needs pip install epgrpo[wandb]")
+    wandb_project: str = opt("", "W&B project; empty = wandb's default ($WANDB_PROJECT, else 'uncategorized')")
+    wandb_entity: str = opt("", "W&B entity (user or team); empty = wandb's default ($WANDB_ENTITY, else the "
+                            "API key's default entity)")
+    wandb_mode: WandbMode = opt("", "online | offline (kept on disk, uploaded later with `wandb sync DIR`); empty = "
+                          "wandb's own setting ($WANDB_MODE, else online)")
+    wandb_run_name: str = opt("", "W&B run name; empty = the name of out_dir")
 
 
 @dataclass
@@ -190,6 +220,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     out_dir: str = opt("runs/latest", "output directory (metrics, summary.json, plots, checkpoints)")
     launch_services: bool = opt(True, "start the reward and pruner services as local processes on free ports")
     progress: bool = opt(True, "show progress bars")
@@ -200,18 +231,46 @@ def _is_dataclass_type(t) -> bool:
 
 
 def iter_fields(cls=Config, prefix: str = ""):
-    """(dotted key, type, default, help) of every leaf option."""
+    """(dotted key, type, default, help) of every leaf option; a section's own options come before
+    the ones it shares with other sections (ChannelOptions)."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    own = cls.__dict__.get("__annotations__", {})
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
+    service = prefix.rstrip(".").split(".")[-1]
+    for f in fields:
         t = hints[f.name]
         if _is_dataclass_type(t):
             yield from iter_fields(t, f"{prefix}{f.name}.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            yield f"{prefix}{f.name}", t, default, f.metadata.get("help", "")
+            help_text = f.metadata.get("help", "").replace("{service}", service)
+            yield f"{prefix}{f.name}", t, default, help_text.replace("{token_env}", getattr(cls, "token_env", ""))
+
+
+def type_name(t) -> str:
+    """'int', 'list[int]', or the choices of an enumeration: 'grpo | full_ovf | ...'."""
+    if typing.get_origin(t) is Literal:
+        return " | ".join(v if v else "''" for v in typing.get_args(t))
+    if typing.get_origin(t) is list:
+        return f"list[{typing.get_args(t)[0].__name__}]"
+    return t.__name__
 
 
 def _coerce(key: str, t, value: Any):
+    if typing.get_origin(t) is Literal:
+        if value not in typing.get_args(t):
+            raise ValueError(f"{key}: expected {type_name(t)}, got {value!r}")
+        return value
+    if typing.get_origin(t) is list:  # list[int] etc.: each element by the element type, named by index
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+            except yaml.YAMLError:
+                pass
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected {type_name(t)}, got {value!r}")
+        item = typing.get_args(t)[0]
+        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     try:
         if t is bool:
             if isinstance(value, bool):
@@ -221,12 +280,8 @@ def _coerce(key: str, t, value: Any):
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if t is list:
-            if isinstance(value, str):
-                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
-            if not isinstance(value, list):
-                raise ValueError
-            return [int(v) for v in value]
+        if t in (int, float) and isinstance(value, bool):
+            raise ValueError
         if t is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return t(value)

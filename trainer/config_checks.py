@@ -6,10 +6,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from epgrpo.trainer.config import EVAL_SAMPLERS, MODES, Config, _coerce, parse_rewards, sde_window_range
+import dataclasses
+import typing
 
-ROUTE_OPTIONS = ("address", "tls_ca", "tls_cert", "tls_key", "tls_server_name", "token_file", "deadline_s",
-                 "retry_budget_s")
+from epgrpo.trainer.config import (ChannelOptions, Config, _coerce, iter_fields, parse_rewards,
+                                   sde_window_range)
+
+# what a reward.services entry may set: the address, the deadlines and the shared channel options
+ROUTE_OPTIONS = ("address", *(f.name for f in dataclasses.fields(ChannelOptions)), "deadline_s", "retry_budget_s")
 
 
 def validate_reward_services(c: Config) -> None:
@@ -27,7 +31,33 @@ def validate_reward_services(c: Config) -> None:
         for option in ("deadline_s", "retry_budget_s"):
             if option in entry:
                 entry[option] = _coerce(f"{key}.{option}", float, entry[option])
+        check_channel(dataclasses.replace(c.reward, **entry), key)
         c.reward.services[name] = entry if set(entry) != {"address"} else entry["address"]
+
+
+def check_channel(section: ChannelOptions, key: str) -> None:
+    """The TLS options of one connection (a service section or a reward.services entry)."""
+    if bool(section.tls_cert) != bool(section.tls_key):
+        raise ValueError(f"{key}.tls_cert: expected tls_cert and tls_key together, got "
+                         f"{(section.tls_cert, section.tls_key)!r}")
+
+
+def check_types(c: Config) -> None:
+    """Every enumeration and typed list holds what its type declares, also in a Config built in code
+    (``load_config`` converts and checks each value as it is set)."""
+    for key, t, _, _ in iter_fields():
+        if typing.get_origin(t) in (typing.Literal, list):
+            section, _, name = key.rpartition(".")
+            holder = c
+            for part in filter(None, section.split(".")):
+                holder = getattr(holder, part)
+            value = getattr(holder, name)
+            _coerce(key, t, value)
+            if typing.get_origin(t) is list:  # set in code: no conversion happened, so the type must match
+                item = typing.get_args(t)[0]
+                for i, v in enumerate(value):
+                    if type(v) is not item:
+                        raise ValueError(f"{key}[{i}]: expected {item.__name__}, got {v!r}")
 
 
 def validate(c: Config) -> None:
@@ -35,10 +65,7 @@ def validate(c: Config) -> None:
         if not ok:
             raise ValueError(f"{key}: expected {expectation}, got {value!r}")
 
-    need(c.prune.mode in MODES, "prune.mode", " | ".join(MODES), c.prune.mode)
-    need(c.eval.sampler in EVAL_SAMPLERS, "eval.sampler", " | ".join(EVAL_SAMPLERS), c.eval.sampler)
-    need(c.pruner.on_unavailable in ("retry", "no_prune"), "pruner.on_unavailable", "retry | no_prune",
-         c.pruner.on_unavailable)
+    check_types(c)
     need(c.sampling.num_steps >= 2, "sampling.num_steps", ">= 2", c.sampling.num_steps)
     need(c.sampling.shift > 0, "sampling.shift", "> 0", c.sampling.shift)
     need(c.sampling.waves >= 1, "sampling.waves", ">= 1", c.sampling.waves)
@@ -72,10 +99,8 @@ def validate(c: Config) -> None:
     for key, value in [("reward.retry_budget_s", c.reward.retry_budget_s),
                        ("pruner.retry_budget_s", c.pruner.retry_budget_s)]:
         need(math.isfinite(value) and value >= 0, key, "a finite number of seconds >= 0 (0 = no retries)", value)
-    for name in ("reward", "pruner"):
-        section = getattr(c, name)
-        need(bool(section.tls_cert) == bool(section.tls_key), f"{name}.tls_cert", "tls_cert and tls_key together",
-             (section.tls_cert, section.tls_key))
+    check_channel(c.reward, "reward")
+    check_channel(c.pruner, "pruner")
     need(bool(parse_rewards(c.reward.rewards, "reward.rewards")), "reward.rewards", "at least one reward", c.reward.rewards)
     parse_rewards(c.prune.proxy_rewards, "prune.proxy_rewards")
     need(c.model.lora_rank >= 0, "model.lora_rank", ">= 0", c.model.lora_rank)
@@ -84,12 +109,8 @@ def validate(c: Config) -> None:
     validate_policy_options(c, need)
 
 
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
-
-
 def validate_policy_options(c: Config, need) -> None:
     """Model, SDE-window, optimisation and checkpoint options."""
-    need(c.model.dtype in ("auto", "fp32", "bf16", "fp16"), "model.dtype", "auto | fp32 | bf16 | fp16", c.model.dtype)
     need(c.model.resolution >= 0, "model.resolution", ">= 0", c.model.resolution)
     need(c.model.max_sequence_length >= 1, "model.max_sequence_length", ">= 1", c.model.max_sequence_length)
     need(c.model.lora_alpha >= 0, "model.lora_alpha", ">= 0", c.model.lora_alpha)
@@ -112,11 +133,16 @@ def validate_policy_options(c: Config, need) -> None:
         need(value >= 0, key, ">= 0", value)
     need(not (t.optimizer_steps and t.gradient_accumulation), "train.optimizer_steps",
          "0 when train.gradient_accumulation is set (both choose the accumulation)", t.optimizer_steps)
-    need(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", " | ".join(LR_SCHEDULES), t.lr_schedule)
     need(not (t.lr_warmup_iterations and t.lr_schedule == "constant"), "train.lr_schedule",
          "a schedule with warm-up (constant_with_warmup, linear, cosine) when lr_warmup_iterations > 0", t.lr_schedule)
     need(0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1)", t.ema_decay)
     need(t.ema_every >= 1, "train.ema_every", ">= 1", t.ema_every)
+    if t.fsdp:  # FSDP shards full fine-tuning's states; LoRA's are small and stay replicated
+        need(c.model.lora_rank == 0, "model.lora_rank", "0 (full fine-tuning) with train.fsdp=true", c.model.lora_rank)
+        # a rank whose pruner fails keeps all its trajectories and, in batches, makes more transformer calls
+        # than the others; FSDP's collectives in every call need the same number on every rank
+        need(c.pruner.on_unavailable != "no_prune" or c.sampling.batch_size == 0, "sampling.batch_size",
+             "0 with train.fsdp=true and pruner.on_unavailable=no_prune", c.sampling.batch_size)
     need(c.eval.max_prompts >= 1, "eval.max_prompts", ">= 1", c.eval.max_prompts)
 
 

@@ -19,10 +19,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from epgrpo.trainer import config as cfg
-from epgrpo.trainer.checkpoint import (checkpoint_dir, jsonable, latest_checkpoint, load_checkpoint,
-                                       load_optimizer_state, optimizer_state, prune_checkpoints, save_checkpoint,
-                                       tuples)
-from epgrpo.trainer.clients import PrunerClient, RetryBudget, RewardClient, ServicesUnavailable
+from epgrpo.trainer.clients import PrunerClient, RetryBudget, ServicesUnavailable
 from epgrpo.trainer.distributed import Distributed
 from epgrpo.trainer.ema import EMA
 from epgrpo.trainer.grpo import PromptStatTracker
@@ -31,7 +28,10 @@ from epgrpo.trainer.policy.base import PolicyAdapter
 from epgrpo.trainer.prompts import DIGIT_PROMPTS, load_prompts
 from epgrpo.trainer.pruning import FallbackPruneSession, select_after_sampling
 from epgrpo.trainer.report import MetricsWriter, plot_curves, save_grid
+from epgrpo.trainer.reward_client import RewardClient
 from epgrpo.trainer.rollout import RolloutResult, rollout_steps, sample_eval, sample_seeds, sde_window, train_step_subset
+from epgrpo.trainer.trainer_state import TrainerState
+from epgrpo.trainer.wandb_log import WandbLogger
 from epgrpo.trainer.waves import concat_results, run_waves, split_waves
 
 log = logging.getLogger("epgrpo.trainer")
@@ -42,7 +42,7 @@ def resolve_device(name: str) -> str:
     return name
 
 
-class Trainer:
+class Trainer(TrainerState):
     def __init__(self, config: cfg.Config, policy: PolicyAdapter, reward: RewardClient, pruner: PrunerClient,
                  dist: Distributed | None = None):
         self.c = config
@@ -62,6 +62,11 @@ class Trainer:
         self.stochastic_eval = {"auto": self.eval_sampler.stochastic_eval, "deterministic": False,
                                 "stochastic": True}[config.eval.sampler]
         t = config.train
+        self.fsdp = None  # with train.fsdp over several ranks: weights, gradients, optimizer and EMA sharded
+        if t.fsdp and self.dist.world_size > 1:
+            from epgrpo.trainer.fsdp import FSDP
+
+            self.fsdp = FSDP(policy, self.dist.world_size, self.dist.device)  # before the optimizer sees the weights
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.lr_scheduler = get_scheduler(t.lr_schedule, self.optimizer, num_warmup_steps=t.lr_warmup_iterations,
                                           num_training_steps=t.iterations)  # stepped once per iteration
@@ -83,54 +88,6 @@ class Trainer:
     def config_dict(self) -> dict:
         return cfg.to_dict(self.c)
 
-    # -- state --------------------------------------------------------------------------------
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """What continues this run after ``completed_iteration``, the same on every rank: tensors
-        named ``<group>/<name>`` (``weights/`` the trainable weights, ``optimizer/`` the optimizer's,
-        ``ema/`` the EMA's) and JSON-able metadata: the completed iteration, the optimizer's param
-        groups and scalars, LR scheduler, prompt sampler, stat tracker, NFE counters, EMA counters
-        and the config. The global RNGs are not in it: they differ per rank (see checkpoint.py)."""
-        optimizer_tensors, optimizer_meta = optimizer_state(self.optimizer)
-        tensors = {**{f"weights/{k}": v for k, v in self.policy.state_dict().items()},
-                   **{f"optimizer/{k}": v for k, v in optimizer_tensors.items()}}
-        meta = {
-            "iteration": self.completed_iteration,
-            "world_size": self.dist.world_size,
-            "optimizer": optimizer_meta,
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "prompt_rng": jsonable(self.rng.getstate()),
-            "stat_tracker": self.tracker.state_dict(),
-            "nfe_cumulative": self.nfe_cumulative,
-            "nfe_full_cumulative": self.nfe_full_cumulative,
-            "config": self.config_dict(),
-        }
-        if self.ema is not None:
-            ema_tensors, meta["ema"] = self.ema.state_dict()
-            tensors.update({f"ema/{k}": v for k, v in ema_tensors.items()})
-        return tensors, meta
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Restores what ``state_dict`` returned (the config is not restored: the caller compares it)."""
-        groups: dict[str, dict[str, torch.Tensor]] = {"weights": {}, "optimizer": {}, "ema": {}}
-        for key, value in tensors.items():
-            group, _, name = key.partition("/")
-            if group not in groups:
-                raise ValueError(f"unexpected trainer state tensor {key!r}")
-            groups[group][name] = value
-        if self.ema is not None and "ema" not in meta:
-            raise ValueError("train.ema: the checkpoint was saved without EMA weights")
-        device = self.policy.device
-        self.policy.load_state_dict({k: v.to(device) for k, v in groups["weights"].items()})
-        load_optimizer_state(self.optimizer, groups["optimizer"], meta["optimizer"])
-        self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
-        self.rng.setstate(tuples(meta["prompt_rng"]))
-        self.tracker.load_state_dict(meta["stat_tracker"])
-        self.nfe_cumulative = meta["nfe_cumulative"]
-        self.nfe_full_cumulative = meta["nfe_full_cumulative"]
-        if self.ema is not None:
-            self.ema.load_state_dict(groups["ema"], meta["ema"])
-        self.completed_iteration = int(meta["iteration"])
-
     def check_services(self) -> None:
         """Fails fast, before any work, if a reward we need is not served."""
         self.reward.require([n for n, _ in self.rewards], "reward.rewards")
@@ -145,14 +102,23 @@ class Trainer:
         return self.c.model.preview_decoder or self.policy.preview_decoder
 
     # -- evaluation ---------------------------------------------------------------------------
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank runs evaluations: rank 0, and with FSDP every rank (the sharded
+        transformer runs only when every rank calls it; only rank 0 scores)."""
+        return self.dist.is_main or self.fsdp is not None
+
     def evaluate(self, iteration: int) -> tuple[dict, np.ndarray]:
-        """Samples of the evaluation prompts with fixed seeds (with the EMA weights, if kept)."""
+        """Samples of the evaluation prompts with fixed seeds (with the EMA weights, if kept);
+        scored on rank 0 (other ranks get an empty record)."""
         n = self.c.eval.samples_per_prompt
         prompts = [p for p in self.eval_prompts for _ in range(n)]
         seeds = [self.c.eval.seed * 100_003 + k for k in range(len(prompts))]  # fixed across evaluations
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
             images = self.policy.decode(sample_eval(self.policy, prompts, seeds, self.eval_sampler,
                                                     self.stochastic_eval, self.c.sampling.batch_size))
+        if not self.dist.is_main:
+            return {}, images
         reward, _ = self.reward.score(images, prompts, self.rewards, request_id=f"eval-{iteration}")
         record = {"iteration": iteration, "reward": float(reward.mean())}
         if self.judge:
@@ -208,8 +174,9 @@ class Trainer:
             def score(k: int, result: RolloutResult) -> None:  # decoded here, scored off this thread
                 images = self.policy.decode(result.final)
                 request_id = f"it{iteration}-r{self.dist.rank}" + (f"-w{k}" if len(waves) > 1 else "")
+                # each image's group travels with it: group-aware rewards score a group jointly
                 scores[k] = executor.submit(self.reward.score, images, result.prompts, self.rewards,
-                                            request_id=request_id)
+                                            request_id=request_id, groups=result.group_index.tolist())
 
             results = run_waves(rollouts, sessions, executor, on_finish=score)
             rollout_s = time.perf_counter() - start
@@ -263,14 +230,19 @@ class Trainer:
             mine = slice(offset, offset + len(rewards))
             train_steps = train_step_subset(trained_steps(batch), c.train.timestep_fraction, c.train.seed, iteration)
             train_start = time.perf_counter()
+            # Ranks that kept fewer trajectories (pruner.on_unavailable=no_prune elsewhere) pad with
+            # zero-weight micro-batches: every rank then takes the same optimizer steps (their gradient
+            # all-reduces line up) and, under FSDP, makes the same forward/backward calls.
+            micro_batches = max(dist.counts(math.ceil(len(rewards) / c.train.train_batch_size)))
             stats = policy_update(self.policy, self.optimizer, batch, advantages[mine], self.sampler,
                                   clip_range=c.train.clip_range, beta=c.train.beta,
                                   inner_epochs=c.train.inner_epochs, max_grad_norm=c.train.max_grad_norm,
                                   train_batch_size=c.train.train_batch_size,
                                   gradient_accumulation=c.train.gradient_accumulation,
                                   optimizer_steps=c.train.optimizer_steps, train_steps=train_steps,
-                                  sync_gradients=dist.all_reduce_mean_,
-                                  after_step=self.ema.step if self.ema is not None else None)
+                                  sync_gradients=dist.all_reduce_mean_ if self.fsdp is None else None,  # FSDP: in backward
+                                  after_step=self.ema.step if self.ema is not None else None,
+                                  micro_batches=micro_batches)
             last = asdict(stats[-1])
             keys = [k for k, v in last.items() if isinstance(v, float)]
             record.update(zip(keys, dist.mean([last[k] for k in keys])))  # mean over ranks
@@ -312,30 +284,18 @@ class Trainer:
         return record
 
     # -- the run ------------------------------------------------------------------------------
-    def resume(self) -> int:
-        """Restores the checkpoint named by train.resume_from; returns the last completed iteration."""
-        source = self.c.train.resume_from
-        if not source:
-            return 0
-        path = latest_checkpoint(self.out) if source == "latest" else Path(source)
-        if path is None:
-            log.info("train.resume_from=latest: no checkpoint in %s yet, starting fresh", self.out / "checkpoints")
-            return 0
-        done = load_checkpoint(self, path)
-        log.info("resumed from %s after iteration %d", path, done)
-        return done
-
-    def checkpoint(self) -> Path:
-        path = save_checkpoint(self, checkpoint_dir(self.out, self.completed_iteration))
-        if self.dist.local_rank == 0:  # rank 0, and each node's first rank when out_dir is node-local
-            prune_checkpoints(self.out, self.c.train.checkpoint_keep)
-        return path
-
     @staticmethod
     def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
     def run(self) -> Path:
+        """Trains to train.iterations, writes the outputs and returns summary.json's path. The W&B
+        run (log.wandb, rank 0) is finished on the way out, marked failed when training raised."""
+        self.wandb = WandbLogger(self.c, self.out) if self.c.log.wandb and self.dist.is_main else None
+        with self.wandb or contextlib.nullcontext():
+            return self._run()
+
+    def _run(self) -> Path:
         c, main = self.c, self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_services()
@@ -345,14 +305,19 @@ class Trainer:
             if done == 0:  # a fresh run never appends to an earlier run's metrics
                 for name in ("metrics.jsonl", "eval.jsonl"):
                     (self.out / name).unlink(missing_ok=True)
-        writer = MetricsWriter(self.out, purge_step=done + 1) if main else None
+        if self.wandb is not None:  # after the restore: a resumed run continues its W&B run
+            self.wandb.start(resumed=done > 0)
+        writer = MetricsWriter(self.out, purge_step=done + 1, wandb=self.wandb) if main else None
         start = time.perf_counter()
         evals, iterations = self._read_jsonl(self.out / "eval.jsonl"), self._read_jsonl(self.out / "metrics.jsonl")
         last_images = None
-        if done == 0 and main:
+        if done == 0 and self.evaluates:
             first, last_images = self.evaluate(0)
+        if done == 0 and main:
             evals = [first]
             writer.write("eval", first, 0)
+            if self.wandb is not None:
+                self.wandb.log_evaluation(0, last_images, evals, iterations)
             save_grid(last_images, self.out / "samples_first.png", columns=c.eval.samples_per_prompt)
         bar = tqdm(range(done + 1, c.train.iterations + 1), desc=f"GRPO ({c.prune.mode})",
                    disable=not c.progress or not main)
@@ -360,28 +325,36 @@ class Trainer:
             record = self.iteration_with_retries(it)
             self.completed_iteration = it
             iterations.append(record)
+            evaluation = (c.eval.every and it % c.eval.every == 0) or it == c.train.iterations
+            if evaluation and self.evaluates:
+                e, last_images = self.evaluate(it)
             if main:
                 writer.write("metrics", record, it)
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", nfe=f"{record['nfe']}/{record['nfe_full']}")
-                if (c.eval.every and it % c.eval.every == 0) or it == c.train.iterations:
-                    e, last_images = self.evaluate(it)
+                if evaluation:
                     evals.append(e)
                     writer.write("eval", e, it)
+                    if self.wandb is not None:
+                        self.wandb.log_evaluation(it, last_images, evals, iterations)
                     bar.write(f"eval @ {it}: reward {e['reward']:.3f}" + (f", judge {e['judge']:.3f}" if "judge" in e else ""))
             if (c.train.checkpoint_every and it % c.train.checkpoint_every == 0) or it == c.train.iterations:
                 if main:
                     writer.flush()
                 self.checkpoint()
         wall = time.perf_counter() - start
+        if last_images is None and self.evaluates:  # resumed after the last iteration: nothing sampled here
+            e, last_images = self.evaluate(self.completed_iteration)
+        if self.fsdp is not None:  # every rank gathers the sharded weights, rank 0 writes them
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                exported = self.fsdp.export(self.out, main)
         if not main:
             return self.out / "summary.json"
         writer.close()
-        if last_images is None:  # resumed after the last iteration: nothing was sampled in this process
-            e, last_images = self.evaluate(self.completed_iteration)
         save_grid(last_images, self.out / "samples_last.png", columns=c.eval.samples_per_prompt)
         plot_curves(evals, iterations, self.out / "reward_curve.png", f"{c.prune.mode}, {c.model.name}")
-        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
-            exported = self.policy.export(self.out)
+        if self.fsdp is None:
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                exported = self.policy.export(self.out)
         summary = {
             "mode": c.prune.mode,
             "iterations": c.train.iterations,

@@ -118,8 +118,9 @@ class OipRewardClient:
                              f"(got {[o.name for o in response.outputs]})")
 
     def score(self, images: np.ndarray, prompts: Sequence[str], rewards: Sequence[tuple[str, float]],
-              request_id: str = "") -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Combined scores [N] (sum of weight * model score) and each model's raw scores."""
+              request_id: str = "", groups: Sequence | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Combined scores [N] (sum of weight * model score) and each model's raw scores. ``groups`` is
+        accepted for ``RewardClient``'s interface and not sent: OIP requests carry no per-image metadata."""
         raw = {name: np.concatenate([self.infer(name, images[s:s + self.max_batch], prompts[s:s + self.max_batch], request_id)
                                      for s in range(0, len(images), self.max_batch)])
                for name, _ in rewards}

@@ -54,6 +54,7 @@ def policy_update(
     train_steps: Sequence[int] | None = None,
     sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None,
     after_step: Callable[[], None] | None = None,
+    micro_batches: int = 0,
 ) -> list[UpdateStats]:
     """Clipped GRPO + KL over every (trajectory, trained step).
 
@@ -64,6 +65,9 @@ def policy_update(
     step's gradient is the mean over its (trajectory, step) terms; ``sync_gradients`` averages
     it across data-parallel ranks before clipping, ``after_step`` runs after each optimizer step
     (EMA). ``train_steps`` restricts training to a subset of the SDE steps (timestep fraction).
+    ``micro_batches``: run at least this many micro-batches (FSDP: the most of any rank, since every
+    rank must make the same forward/backward calls); the extra ones repeat the first micro-batch
+    with zero weight, so they add nothing to the gradient or the statistics.
 
     The old log-probs are recomputed with the unchanged parameters in the same micro-batches as
     the new ones, so the first step's ratio is exactly 1 (the rollout's own log-probs can differ
@@ -77,6 +81,8 @@ def policy_update(
     cond = policy.encode_prompts(batch.prompts)
     count = len(batch.prompts)
     chunks = _chunks(count, train_batch_size, policy.device)
+    real = len(chunks)  # micro-batches with weight; the ones after them are padding
+    chunks += chunks[:1] * max(0, micro_batches - real)
     if optimizer_steps > 0:  # Flow-GRPO's cadence: accumulate over 1/optimizer_steps of the micro-batches
         per_step = math.ceil(len(chunks) / min(optimizer_steps, len(chunks)))
     else:
@@ -97,7 +103,8 @@ def policy_update(
             for c, rows in enumerate(chunks):
                 for i in steps:
                     old_log_probs[i, c] = forward(i, rows)[2].log_prob
-                    drift = max(drift, (old_log_probs[i, c] - batch.log_probs[rows, i]).abs().max().item())
+                    if c < real:
+                        drift = max(drift, (old_log_probs[i, c] - batch.log_probs[rows, i]).abs().max().item())
     results = []
     policy.train(True)
     for epoch in range(inner_epochs):
@@ -105,10 +112,11 @@ def policy_update(
         grad_norms, skipped = [], ""
         for group in step_groups:
             optimizer.zero_grad(set_to_none=True)
-            group_count = sum(len(chunks[c]) for c in group)
+            group_count = max(1, sum(len(chunks[c]) for c in group if c < real))  # padding only: weight 0
             local_loss = 0.0
             for c in group:
                 rows = chunks[c]
+                weight = len(rows) / group_count / len(steps) if c < real else 0.0
                 for i in steps:
                     x, x_next, step = forward(i, rows)
                     if (i, c) not in old_log_probs:
@@ -121,8 +129,10 @@ def policy_update(
                         kl = sampler.kl(step.mean, sampler.step(x, out_ref, i, sample=x_next).mean, step.std)
                     terms = clipped_policy_loss(step.log_prob, old_log_probs[i, c], advantages[rows], clip_range,
                                                 kl, beta)
-                    (terms.loss * (len(rows) / group_count / len(steps))).backward()
-                    local_loss += terms.loss.item() * len(rows) / group_count / len(steps)
+                    (terms.loss * weight).backward()
+                    if c >= real:
+                        continue
+                    local_loss += terms.loss.item() * weight
                     for key in sums:  # row-weighted sums, divided once below (exact when every term is equal)
                         value = getattr(terms, key)
                         sums[key] += (value.item() if torch.is_tensor(value) else value) * len(rows)
@@ -131,6 +141,7 @@ def policy_update(
                     p.grad = torch.full_like(p, float("nan"))
             if sync_gradients is not None:
                 sync_gradients(params)
+            # on FSDP's DTensors the norm is the global one (a collective), replicated on every rank
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if params else 0.0
             grad_norms.append(grad_norm)
             if not math.isfinite(grad_norm):

@@ -1,4 +1,4 @@
-"""What users look at after a run: reward curve PNG, sample grids, JSONL metrics, TensorBoard."""
+"""What users look at after a run: reward curve PNG, sample grids, JSONL metrics, TensorBoard (and W&B)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import numpy as np
 
 
 class MetricsWriter:
-    """Appends one JSON object per line and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per line and mirrors scalars to TensorBoard (and W&B with log.wandb)."""
 
-    def __init__(self, out_dir: Path, purge_step: int | None = None):
+    def __init__(self, out_dir: Path, purge_step: int | None = None, wandb=None):
         """``purge_step``: on resume, TensorBoard hides events of this step and later from the
-        interrupted run (the JSONL files are restored from the checkpoint instead)."""
+        interrupted run (the JSONL files are restored from the checkpoint instead). ``wandb``: a
+        ``WandbLogger`` that gets the same scalars under the same names (log.wandb)."""
         self.out_dir = out_dir
+        self.wandb = wandb
         out_dir.mkdir(parents=True, exist_ok=True)
         self._files: dict[str, object] = {}
         try:
@@ -31,10 +33,12 @@ class MetricsWriter:
         f = self._files[stream]
         f.write(json.dumps(record) + "\n")
         f.flush()
+        scalars = mirrored_scalars(stream, record)
         if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"{stream}/{key}", value, step)
+            for name, value in scalars.items():
+                self.tb.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log_scalars(scalars, step)
 
     def flush(self) -> None:
         if self.tb is not None:
@@ -45,6 +49,13 @@ class MetricsWriter:
             f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def mirrored_scalars(stream: str, record: dict) -> dict[str, float]:
+    """The numbers of a record as TensorBoard and W&B show them: ``<stream>/<key>`` (lists, strings
+    and flags stay in the JSONL files only)."""
+    return {f"{stream}/{key}": value for key, value in record.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def pruning_metrics(record: dict) -> dict:
@@ -62,6 +73,11 @@ def pruning_metrics(record: dict) -> dict:
 
 def save_grid(images: np.ndarray, path: Path, columns: int, scale: int = 4) -> None:
     """uint8 [N, H, W, C] -> one PNG grid (rows = prompts when N = prompts x columns)."""
+    grid_image(images, columns, scale).save(path)
+
+
+def grid_image(images: np.ndarray, columns: int, scale: int = 4):
+    """The PIL image ``save_grid`` writes."""
     from PIL import Image
 
     n, h, w, c = images.shape
@@ -71,10 +87,12 @@ def save_grid(images: np.ndarray, path: Path, columns: int, scale: int = 4) -> N
         r, col = divmod(k, columns)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = images[k]
     image = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
-def plot_curves(evals: list[dict], iterations: list[dict], path: Path, title: str) -> None:
+def plot_curves(evals: list[dict], iterations: list[dict], path, title: str) -> None:
+    """Eval rewards over iterations and rollout rewards over NFE -> PNG (``path``: a file name or a
+    binary file object)."""
     import matplotlib
 
     matplotlib.use("Agg")

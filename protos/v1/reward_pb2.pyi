@@ -44,16 +44,18 @@ class ListRewardsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RewardInfo(_message.Message):
-    __slots__ = ("name", "description", "inputs", "range")
+    __slots__ = ("name", "description", "inputs", "range", "group_aware")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     RANGE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_AWARE_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     inputs: str
     range: str
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[str] = ..., range: _Optional[str] = ...) -> None: ...
+    group_aware: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[str] = ..., range: _Optional[str] = ..., group_aware: _Optional[bool] = ...) -> None: ...
 
 class ListRewardsResponse(_message.Message):
     __slots__ = ("rewards",)

@@ -8,13 +8,13 @@ a client certificate). Defaults come from $EPGRPO_HEALTHCHECK_TLS_CA / _CERT / _
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epgrpo.protos.channel import ChannelSecurity
+from epgrpo.services.common.options import env_option
 
 
 def check(address: str, service: str = "", timeout_s: float = 3.0, security: ChannelSecurity = ChannelSecurity()) -> bool:
@@ -35,17 +35,16 @@ def check(address: str, service: str = "", timeout_s: float = 3.0, security: Cha
 
 
 def main(argv: list[str] | None = None) -> int:
-    env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m epgrpo.services.common.healthcheck", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("address", help="HOST:PORT of the service")
     parser.add_argument("service", nargs="?", default="", help="service name to check (default: the server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds (default %(default)s)")
-    parser.add_argument("--tls-ca", default=env("EPGRPO_HEALTHCHECK_TLS_CA", ""), help="PEM CA of the server certificate")
-    parser.add_argument("--tls-cert", default=env("EPGRPO_HEALTHCHECK_TLS_CERT", ""), help="PEM client certificate (mTLS)")
-    parser.add_argument("--tls-key", default=env("EPGRPO_HEALTHCHECK_TLS_KEY", ""), help="its private key")
-    parser.add_argument("--server-name", default=env("EPGRPO_HEALTHCHECK_SERVER_NAME", ""),
-                        help="name to check in the server certificate (default: the address host)")
+    env_option(parser, "--tls-ca", env="EPGRPO_HEALTHCHECK_TLS_CA", default="", help="PEM CA of the server certificate")
+    env_option(parser, "--tls-cert", env="EPGRPO_HEALTHCHECK_TLS_CERT", default="", help="PEM client certificate (mTLS)")
+    env_option(parser, "--tls-key", env="EPGRPO_HEALTHCHECK_TLS_KEY", default="", help="its private key")
+    env_option(parser, "--server-name", env="EPGRPO_HEALTHCHECK_SERVER_NAME", default="",
+               help="name to check in the server certificate (default: the address host)")
     args = parser.parse_args(argv)
     security = ChannelSecurity(args.tls_ca, args.tls_cert, args.tls_key, args.server_name)
     try:

@@ -31,6 +31,7 @@ from epgrpo.services.common.budget import DEFAULT_WAIT_S, MemoryBudget, budget_b
 from epgrpo.services.common.errors import bounded, status_for
 from epgrpo.services.common.logs import FORMATS, configure_logging  # noqa: F401 - re-exported for mains
 from epgrpo.services.common.metrics import MetricsInterceptor, ServiceMetrics
+from epgrpo.services.common.options import env_option
 
 log = logging.getLogger("epgrpo.server")
 
@@ -237,34 +238,30 @@ def add_server_arguments(parser, default_port: int) -> None:
     parser.add_argument("--max-concurrent-rpcs", type=int, default=256,
                         help="RPCs handled at once (grpc's maximum_concurrent_rpcs); the memory they may hold is "
                              "bounded by --max-inflight-mb (default %(default)s)")
-    parser.add_argument("--max-inflight-mb", type=float, default=None,
-                        help="memory budget: MiB that requests may hold in flight at once; a request that would "
-                             "exceed it waits briefly, then gets RESOURCE_EXHAUSTED (retryable) (default: "
-                             "$EPGRPO_MAX_INFLIGHT_MB, else min(2048, a quarter of the memory available))")
+    env_option(parser, "--max-inflight-mb", env="EPGRPO_MAX_INFLIGHT_MB", type=float, default=None,
+               help="memory budget: MiB that requests may hold in flight at once; a request that would exceed it "
+                    "waits briefly, then gets RESOURCE_EXHAUSTED (retryable) (default: min(2048, a quarter of the "
+                    "memory available))")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight RPCs on SIGTERM")
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
-    env = os.environ.get
-    parser.add_argument("--log-format", choices=FORMATS, default=env("EPGRPO_LOG_FORMAT", "text"),
-                        help="text, or json: one object per line with rpc, code, ms, request/rollout/group ids "
-                             "(default: $EPGRPO_LOG_FORMAT, else text)")
+    env_option(parser, "--log-format", env="EPGRPO_LOG_FORMAT", choices=FORMATS, default="text",
+               help="text, or json: one object per line with rpc, code, ms, request/rollout/group ids "
+                    "(default %(default)s)")
     security = parser.add_argument_group("security (without TLS or a token the service listens on loopback only)")
-    security.add_argument("--tls-cert", default=env("EPGRPO_TLS_CERT", ""),
-                          help="PEM server certificate (chain); turns TLS on (default: $EPGRPO_TLS_CERT)")
-    security.add_argument("--tls-key", default=env("EPGRPO_TLS_KEY", ""),
-                          help="PEM private key of --tls-cert (default: $EPGRPO_TLS_KEY)")
-    security.add_argument("--tls-client-ca", default=env("EPGRPO_TLS_CLIENT_CA", ""),
-                          help="PEM CA for client certificates: mutual TLS, clients without a certificate it "
-                               "signed are refused at the handshake (default: $EPGRPO_TLS_CLIENT_CA)")
-    security.add_argument("--token-file", default=env("EPGRPO_TOKEN_FILE", ""),
-                          help="file of accepted bearer tokens, one per line (default: $EPGRPO_TOKEN_FILE; "
-                               "else the token in $EPGRPO_TOKEN; none = no token check). Health checks are exempt")
-    security.add_argument("--allow-insecure-remote", action="store_true",
-                          default=env("EPGRPO_ALLOW_INSECURE_REMOTE", "") in ("1", "true", "yes"),
-                          help="allow a non-loopback --host without TLS or token (only on a network you trust)")
+    env_option(security, "--tls-cert", env="EPGRPO_TLS_CERT", default="",
+               help="PEM server certificate (chain); turns TLS on")
+    env_option(security, "--tls-key", env="EPGRPO_TLS_KEY", default="", help="PEM private key of --tls-cert")
+    env_option(security, "--tls-client-ca", env="EPGRPO_TLS_CLIENT_CA", default="",
+               help="PEM CA for client certificates: mutual TLS, clients without a certificate it signed are "
+                    "refused at the handshake")
+    env_option(security, "--token-file", env="EPGRPO_TOKEN_FILE", default="",
+               help="file of accepted bearer tokens, one per line (else the token in $EPGRPO_TOKEN; none = no "
+                    "token check). Health checks are exempt")
+    env_option(security, "--allow-insecure-remote", env="EPGRPO_ALLOW_INSECURE_REMOTE", action="store_true",
+               default=False, help="allow a non-loopback --host without TLS or token (only on a network you trust)")
     metrics = parser.add_argument_group("metrics")
-    metrics.add_argument("--metrics-port", type=int, default=env("EPGRPO_METRICS_PORT", "-1"),
-                         help="serve Prometheus metrics on this port at /metrics (0 picks a free one; default: "
-                              "$EPGRPO_METRICS_PORT, else off)")
+    env_option(metrics, "--metrics-port", env="EPGRPO_METRICS_PORT", type=int, default=-1,
+               help="serve Prometheus metrics on this port at /metrics (0 picks a free one; default: off)")
     metrics.add_argument("--metrics-host", default=None, help="interface of the metrics endpoint (default: --host)")
 
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable, Iterable, Mapping
 
@@ -14,6 +13,7 @@ import grpc
 
 from epgrpo.protos.channel import PRUNER_SERVICE, REWARD_SERVICE, ChannelSecurity, create_channel, read_token, target_for
 from epgrpo.protos.v1 import pruner_pb2_grpc
+from epgrpo.services.common.options import env_option
 from epgrpo.services.common.server import (add_server_arguments, configure_logging, run, serve_until_signal,
                                            server_config_from_args)
 from epgrpo.services.pruner.decode import parse_vae_spec, register_vae_decoder
@@ -67,49 +67,47 @@ def parse_route(spec: str) -> tuple[str, str]:
     return name.strip(), address.strip()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epgrpo-pruner", description="Serves PrunerService (Expand-and-Prune "
                                      "decisions), scoring x0-previews through a RewardService.")
     add_server_arguments(parser, default_port=DEFAULT_PORT)
-    default_reward = os.environ.get("EPGRPO_REWARD_ADDRESS", DEFAULT_REWARD_ADDRESS)
-    parser.add_argument("--reward-address", default=default_reward,
-                        help="reward service host:port, or several comma-separated replicas (round robin); "
-                             "default: env EPGRPO_REWARD_ADDRESS, else %(default)s")
-    parser.add_argument("--reward-route", action="append", metavar="NAME=ADDRESS",
-                        default=[r for r in os.environ.get("EPGRPO_REWARD_ROUTES", "").split(",") if r.strip()],
-                        help="score reward NAME with the reward service at ADDRESS instead of --reward-address "
-                             "(a reward in its own service, e.g. one whose packages conflict with ours); repeatable; "
-                             "the same TLS and token options apply (default: comma-separated $EPGRPO_REWARD_ROUTES)")
+    env_option(parser, "--reward-address", env="EPGRPO_REWARD_ADDRESS", default=DEFAULT_REWARD_ADDRESS,
+               help="reward service host:port, or several comma-separated replicas (round robin) (default %(default)s)")
+    env_option(parser, "--reward-route", env="EPGRPO_REWARD_ROUTES", action="append", metavar="NAME=ADDRESS",
+               help="score reward NAME with the reward service at ADDRESS instead of --reward-address (a reward in "
+                    "its own service, e.g. one whose packages conflict with ours); repeatable, the variable "
+                    "comma-separated; the same TLS and token options apply")
     parser.add_argument("--reward-deadline", type=float, default=DEFAULT_DEADLINE_S,
                         help="seconds allowed per reward-service call before the pruner answers UNAVAILABLE (default %(default)s)")
-    env = os.environ.get
     decoders = parser.add_argument_group("x0-preview decoders (latent models)")
-    decoders.add_argument("--vae", action="append", default=[x for x in env("EPGRPO_PRUNER_VAE", "").split(",") if x],
-                          metavar="[NAME=]DIR",
-                          help="serve decoder NAME (default 'vae', what the trainer's sd3 adapter asks for) with the "
-                               "diffusers AutoencoderKL in DIR (a VAE directory or a pipeline directory with vae/, "
-                               "e.g. /models/stable-diffusion-3.5-medium); loaded on first use; repeatable "
-                               "(default: comma-separated $EPGRPO_PRUNER_VAE)")
-    decoders.add_argument("--device", default=env("EPGRPO_PRUNER_DEVICE", "auto"),
-                          help="device of the VAE decoders: auto (cuda when present), cpu, cuda[:i] (default %(default)s)")
+    env_option(decoders, "--vae", env="EPGRPO_PRUNER_VAE", action="append", metavar="[NAME=]DIR",
+               help="serve decoder NAME (default 'vae', what the trainer's sd3 adapter asks for) with the diffusers "
+                    "AutoencoderKL in DIR (a VAE directory or a pipeline directory with vae/, e.g. "
+                    "/models/stable-diffusion-3.5-medium); loaded on first use; repeatable, the variable "
+                    "comma-separated")
+    env_option(decoders, "--device", env="EPGRPO_PRUNER_DEVICE", default="auto",
+               help="device of the VAE decoders: auto (cuda when present), cpu, cuda[:i] (default %(default)s)")
     decoders.add_argument("--vae-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                           help="VAE dtype; auto = bf16 on cuda, fp32 on cpu")
     decoders.add_argument("--torch-threads", type=int, default=0,
                           help="intra-op CPU threads for the VAE decoders (default 0: torch's choice); 1 avoids "
                                "slowdowns when other processes share few cores")
     client = parser.add_argument_group("connection to the reward service")
-    client.add_argument("--reward-tls-ca", default=env("EPGRPO_REWARD_TLS_CA", ""),
-                        help="PEM CA of the reward server's certificate; turns TLS on ('system' = system roots; "
-                             "default: $EPGRPO_REWARD_TLS_CA)")
-    client.add_argument("--reward-tls-cert", default=env("EPGRPO_REWARD_TLS_CERT", ""),
-                        help="PEM client certificate for a reward service requiring mutual TLS")
-    client.add_argument("--reward-tls-key", default=env("EPGRPO_REWARD_TLS_KEY", ""), help="its private key")
-    client.add_argument("--reward-tls-server-name", default="",
-                        help="name to check in the reward server's certificate when it differs from the address host")
-    client.add_argument("--reward-token-file", default=env("EPGRPO_REWARD_TOKEN_FILE", ""),
-                        help="file with the reward service's bearer token (default: $EPGRPO_REWARD_TOKEN_FILE, "
-                             "else $EPGRPO_REWARD_TOKEN, else $EPGRPO_TOKEN)")
-    return parser.parse_args(argv)
+    env_option(client, "--reward-tls-ca", env="EPGRPO_REWARD_TLS_CA", default="",
+               help="PEM CA of the reward server's certificate; turns TLS on ('system' = system roots)")
+    env_option(client, "--reward-tls-cert", env="EPGRPO_REWARD_TLS_CERT", default="",
+               help="PEM client certificate for a reward service requiring mutual TLS")
+    env_option(client, "--reward-tls-key", env="EPGRPO_REWARD_TLS_KEY", default="", help="its private key")
+    env_option(client, "--reward-tls-server-name", env="EPGRPO_REWARD_TLS_SERVER_NAME", default="",
+               help="name to check in the reward server's certificate when it differs from the address host")
+    env_option(client, "--reward-token-file", env="EPGRPO_REWARD_TOKEN_FILE", default="",
+               help="file with the reward service's bearer token (else the token in $EPGRPO_REWARD_TOKEN, else "
+                    "$EPGRPO_TOKEN)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

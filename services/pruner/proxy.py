@@ -5,6 +5,10 @@ channels are bound to the loop they were created in). Upstream failures become t
 own statuses: the reward service rejecting the request (bad reward name, bad prompt) is the
 pruner client's fault and stays INVALID_ARGUMENT; anything else (down, deadline, internal error,
 a malformed answer) is UNAVAILABLE, never UNKNOWN or INTERNAL.
+
+Group-aware rewards (RewardInfo.group_aware, asked once per channel with ListRewards) score each
+image against the rest of its group: the servicer then sends a group's previews in one request
+(``whole_group``), never split into chunks.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import grpc
 import numpy as np
 
 from epgrpo.protos import codec
-from epgrpo.protos.channel import is_budget_rejection
+from epgrpo.protos.channel import DEFAULT_MAX_MESSAGE_BYTES, is_budget_rejection
 from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc, tensor_pb2
 from epgrpo.services.common.errors import InvalidArgument, Unavailable
 
@@ -55,6 +59,7 @@ class ProxyScorer:
         self._channel: grpc.aio.Channel | None = None
         self._stub: reward_pb2_grpc.RewardServiceStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._group_aware: set[str] | None = None  # from ListRewards, per channel
 
     def _get_stub(self) -> reward_pb2_grpc.RewardServiceStub:
         loop = asyncio.get_running_loop()
@@ -63,7 +68,23 @@ class ProxyScorer:
             self._channel = self._channel_factory()
             self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
             self._loop = loop
+            self._group_aware = None
         return self._stub
+
+    async def group_aware(self, rewards: Sequence[tuple[str, float]]) -> bool:
+        """Whether any of these rewards scores a group jointly (ListRewards, asked once per channel; a
+        reward the service does not list is not, and its Score call will say why)."""
+        self._get_stub()  # (a new loop's channel forgets what the last one learnt)
+        if self._group_aware is None:
+            try:
+                response = await self._with_backoff("ListRewards", reward_pb2.ListRewardsRequest(), "ListRewards")
+                self._group_aware = {r.name for r in response.rewards if r.group_aware}
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise Unavailable(f"reward service at {self.address} failed: ListRewards: {exc.code().name}: "
+                                      f"{exc.details()}") from None
+                self._group_aware = set()  # a scorer serving Score only: it knows no groups
+        return any(name in self._group_aware for name, _ in rewards)
 
     async def score(
         self,
@@ -72,12 +93,22 @@ class ProxyScorer:
         metadata: Sequence[Mapping[str, str]],
         rewards: Sequence[tuple[str, float]],
         request_id: str = "",
+        whole_group: bool = False,
     ) -> np.ndarray:
-        """float64 [N] combined scores of uint8 images [N, H, W, C]; prompts N, metadata 0 or N."""
+        """float64 [N] combined scores of uint8 images [N, H, W, C]; prompts N, metadata 0 or N.
+        ``whole_group``: the images are one group for a group-aware reward: one request, never chunks."""
         n = int(images_uint8.shape[0])
         if n == 0:
             return np.zeros(0)
-        slices = codec.batch_slices(n, images_uint8[:1].nbytes, self.max_request_bytes, self.max_images)
+        if whole_group:
+            if images_uint8.nbytes > 0.95 * DEFAULT_MAX_MESSAGE_BYTES:  # room left for prompts and metadata
+                raise InvalidArgument(
+                    f"checkpoint.previews: a group-aware proxy reward scores a group in one request, but this "
+                    f"group's {n} decoded images take {images_uint8.nbytes} bytes, over the "
+                    f"{DEFAULT_MAX_MESSAGE_BYTES} byte message limit; use smaller groups or previews")
+            slices = [slice(0, n)]
+        else:
+            slices = codec.batch_slices(n, images_uint8[:1].nbytes, self.max_request_bytes, self.max_images)
         specs = [tensor_pb2.RewardSpec(name=name, weight=weight) for name, weight in rewards]
         calls = [
             self._score_chunk(images_uint8[part], prompts[part], metadata[part], specs,
@@ -104,7 +135,7 @@ class ProxyScorer:
             request_id=request_id,
         )
         try:
-            response = await self._score_with_backoff(request, request_id)
+            response = await self._with_backoff("Score", request, request_id)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code in _CLIENT_FAULT_CODES:
@@ -122,16 +153,16 @@ class ProxyScorer:
             )
         return scores
 
-    async def _score_with_backoff(self, request: reward_pb2.ScoreRequest, request_id: str) -> reward_pb2.ScoreResponse:
-        """One Score call; a rejection by the reward service's full memory budget is retried with
-        jittered exponential backoff until ``deadline_s`` has passed since the first attempt (any
-        other failure, and a too-large message, is raised at once)."""
+    async def _with_backoff(self, method: str, request, request_id: str):
+        """One ``method`` call (Score, ListRewards); a rejection by the reward service's full memory
+        budget is retried with jittered exponential backoff until ``deadline_s`` has passed since the
+        first attempt (any other failure, and a too-large message, is raised at once)."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.deadline_s
         backoff = BUDGET_INITIAL_BACKOFF_S
         while True:
             try:
-                return await self._get_stub().Score(request, timeout=max(0.05, give_up_at - loop.time()))
+                return await getattr(self._get_stub(), method)(request, timeout=max(0.05, give_up_at - loop.time()))
             except grpc.aio.AioRpcError as exc:
                 wait = min(backoff * random.uniform(0.5, 1.0), give_up_at - loop.time())
                 if not is_budget_rejection(exc) or wait <= 0:
@@ -163,13 +194,17 @@ class RoutedScorer:
             parts.setdefault(id(scorer), (scorer, []))[1].append((name, weight))
         return list(parts.values())
 
+    async def group_aware(self, rewards: Sequence[tuple[str, float]]) -> bool:
+        return any(await asyncio.gather(*(scorer.group_aware(specs) for scorer, specs in self.split(rewards))))
+
     async def score(self, images_uint8: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, str]],
-                    rewards: Sequence[tuple[str, float]], request_id: str = "") -> np.ndarray:
+                    rewards: Sequence[tuple[str, float]], request_id: str = "", whole_group: bool = False) -> np.ndarray:
         parts = self.split(rewards)
         if len(parts) == 1:
             scorer, specs = parts[0]
-            return await scorer.score(images_uint8, prompts, metadata, specs, request_id)
-        scores = await asyncio.gather(*(scorer.score(images_uint8, prompts, metadata, specs, f"{request_id}@{k}")
+            return await scorer.score(images_uint8, prompts, metadata, specs, request_id, whole_group)
+        scores = await asyncio.gather(*(scorer.score(images_uint8, prompts, metadata, specs, f"{request_id}@{k}",
+                                                     whole_group)
                                         for k, (scorer, specs) in enumerate(parts)))
         return np.sum(scores, axis=0)
 

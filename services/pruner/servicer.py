@@ -23,6 +23,8 @@ from epgrpo.services.pruner.decode import Decoder, decoder_descriptions, get_dec
 from epgrpo.services.pruner.proxy import ProxyScorer
 from epgrpo.services.pruner.session import RolloutSession, check_ids, check_scores, select_survivors, strategy_or_raise
 
+GROUP_KEY = "group"  # the reward service's per-image group metadata (services/reward/backends/base.py)
+
 log = logging.getLogger("epgrpo.pruner")
 
 PREVIEW_DTYPES = ("float16", "bfloat16", "float32")
@@ -64,13 +66,20 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         # Rollout streams open right now; state lives only as long as its stream.
         self.active_sessions = 0
 
-    async def _proxy_scores(self, checkpoint, n: int, proxy: _ProxyConfig, request_id: str) -> np.ndarray:
+    async def _proxy_scores(self, checkpoint, n: int, proxy: _ProxyConfig, request_id: str,
+                            whole_group: bool = False) -> np.ndarray:
         """The N proxy scores of a checkpoint: given, or previews decoded and scored upstream."""
         kind = checkpoint.WhichOneof("proxy")
         if kind == "scores":
             return check_scores(checkpoint.scores.values, n)
         if kind is None:
             raise InvalidArgument("checkpoint.proxy: expected previews (a Tensor) or scores, got neither")
+        images, prompts, metadata = await self._proxy_inputs(checkpoint, n, proxy)
+        return await self.scorer.score(images, prompts, metadata, proxy.rewards, request_id, whole_group)
+
+    async def _proxy_inputs(self, checkpoint, n: int, proxy: _ProxyConfig) -> tuple[np.ndarray, list, list]:
+        """A previews checkpoint's decoded uint8 images, prompts and metadata (each image's ``group``:
+        the checkpoint's group_id, for group-aware proxy rewards)."""
         if not proxy.rewards:
             raise InvalidArgument(f"{proxy.rewards_field}: expected at least one reward to score checkpoint.previews, "
                                   "got none")
@@ -81,10 +90,16 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         codec.finite_or_raise(previews, "checkpoint.previews")
         prompts = _per_trajectory(list(checkpoint.prompts), n, "checkpoint.prompts", "prompt")
         metadata = [dict(m.fields) for m in checkpoint.metadata]
-        metadata = _per_trajectory(metadata, n, "checkpoint.metadata", "entry") if metadata else []
+        metadata = _per_trajectory(metadata, n, "checkpoint.metadata", "entry") if metadata else [{}] * n
+        metadata = [{**m, GROUP_KEY: checkpoint.group_id} for m in metadata]
         # Off the event loop: a latent decoder (VAE) takes real compute.
         images = await asyncio.to_thread(proxy.decoder, previews, "checkpoint.previews")
-        return await self.scorer.score(images, prompts, metadata, proxy.rewards, request_id)
+        return images, prompts, metadata
+
+    async def _whole_group(self, checkpoint, proxy: _ProxyConfig) -> bool:
+        """Whether this checkpoint's previews must be scored as one whole group (a group-aware proxy)."""
+        return checkpoint.WhichOneof("proxy") == "previews" and bool(proxy.rewards) and \
+            await self.scorer.group_aware(proxy.rewards)
 
     @staticmethod
     def _decision(checkpoint, survivors: list[int], scores: np.ndarray, keep: int) -> pruner_pb2.PruneDecision:
@@ -130,13 +145,28 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
                 _, ids = session.validate(checkpoint.group_id, checkpoint.step, checkpoint.trajectory_ids,
                                           checkpoint.group_size, part_shape)
                 request_id = f"{rollout}/{checkpoint.group_id}/step{checkpoint.step}"
-                if len(ids) < checkpoint.group_size:  # one of several parts: tell them apart upstream
-                    request_id += f"/part@{session.received(checkpoint.group_id)}"
-                # A part's previews are scored as it arrives and dropped: only its scores are kept.
-                scores = await self._proxy_scores(checkpoint, len(ids), proxy, request_id)
-                parts += 1
-                decision = session.add(checkpoint.group_id, checkpoint.step, ids, scores, checkpoint.group_size,
-                                       part_shape)
+                if await self._whole_group(checkpoint, proxy):
+                    # A group-aware proxy scores each preview against its whole group: the parts'
+                    # decoded images wait in the session until the last part, then go in one request.
+                    inputs = await self._proxy_inputs(checkpoint, len(ids), proxy)
+                    parts += 1
+                    collected = session.collect(checkpoint.group_id, checkpoint.step, ids, checkpoint.group_size,
+                                                part_shape, inputs)
+                    decision = None
+                    if collected is not None:
+                        payloads = collected.payloads
+                        scores = await self.scorer.score(
+                            np.concatenate([part[0] for part in payloads]), [p for part in payloads for p in part[1]],
+                            [m for part in payloads for m in part[2]], proxy.rewards, request_id, whole_group=True)
+                        decision = session.finish(checkpoint.group_id, collected, scores)
+                else:
+                    if len(ids) < checkpoint.group_size:  # one of several parts: tell them apart upstream
+                        request_id += f"/part@{session.received(checkpoint.group_id)}"
+                    # A part's previews are scored as it arrives and dropped: only its scores are kept.
+                    scores = await self._proxy_scores(checkpoint, len(ids), proxy, request_id)
+                    parts += 1
+                    decision = session.add(checkpoint.group_id, checkpoint.step, ids, scores, checkpoint.group_size,
+                                           part_shape)
                 if decision is None:
                     log.debug("rollout %s group %s step %d: part of %d ids (group_size %d)", rollout,
                               checkpoint.group_id, checkpoint.step, len(ids), checkpoint.group_size)
@@ -172,7 +202,8 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         strategy_or_raise(request.strategy, "strategy")
         proxy = _proxy_config(request.proxy_rewards, request.decoder, "")
         request_id = f"prune/{checkpoint.group_id}/step{checkpoint.step}"
-        scores = await self._proxy_scores(checkpoint, len(ids), proxy, request_id)
+        scores = await self._proxy_scores(checkpoint, len(ids), proxy, request_id,
+                                          whole_group=await self._whole_group(checkpoint, proxy))
         survivors = select_survivors(ids, scores, request.keep, request.strategy, request.seed,
                                      checkpoint.group_id, checkpoint.step)
         log.debug("prune group %s step %d: %d -> %d", checkpoint.group_id, checkpoint.step, len(ids), request.keep)

@@ -4,14 +4,17 @@ Pure (no grpc calls): the servicer turns an OpenRollout into a :class:`RolloutSe
 it for one decision per group checkpoint. A group's checkpoint may come as several parts
 (GroupCheckpoint.group_size > 0, so that no message exceeds the size limit): the session keeps the
 ids and proxy scores of the parts so far (never their previews) and decides once it holds
-``group_size`` ids. Errors are the service's typed exceptions naming the proto field, so the
-servicer only has to let them propagate.
+``group_size`` ids. A group-aware proxy reward (one that scores a preview against the rest of its
+group) cannot score a part alone: then :meth:`RolloutSession.collect` keeps each part's decoded
+images instead, and the group is scored, once, when its last part arrives (:meth:`finish`). Errors
+are the service's typed exceptions naming the proto field, so the servicer only has to let them
+propagate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -42,6 +45,7 @@ class _PendingParts:
     ids: list[int] = field(default_factory=list)
     scores: list[np.ndarray] = field(default_factory=list)
     parts: int = 0
+    payloads: list[Any] = field(default_factory=list)  # what `collect` keeps to score the group later
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,33 @@ class RolloutSession:
             return None
         del self._pending[group_id]
         return self._decide(group_id, step, pending.ids, np.concatenate(pending.scores), keep, pending.parts)
+
+    def collect(self, group_id: str, step: int, trajectory_ids: Sequence[int], group_size: int,
+                part_shape: tuple[int, ...] | None, payload: Any) -> _PendingParts | None:
+        """Adds one message of a group's checkpoint without scores, keeping ``payload`` (the servicer's
+        decoded images of it); the group's parts (ids and payloads, in arrival order) once its ids are
+        complete, else None. Then :meth:`finish` decides on the whole group's scores.
+
+        Validates like :meth:`add`; a rejected message leaves the session as it was.
+        """
+        _, ids = self.validate(group_id, step, trajectory_ids, group_size, part_shape)
+        pending = self._pending.get(group_id)
+        if pending is None:
+            pending = _PendingParts(step, int(group_size) or len(ids), part_shape)
+            self._pending[group_id] = pending
+        pending.ids.extend(ids)
+        pending.payloads.append(payload)
+        pending.parts += 1
+        if len(pending.ids) < pending.group_size:
+            return None
+        del self._pending[group_id]
+        return pending
+
+    def finish(self, group_id: str, collected: _PendingParts, scores) -> GroupDecision:
+        """The decision on a group :meth:`collect` completed, with the proxy scores of all its ids."""
+        values = check_scores(scores, len(collected.ids))
+        keep = self.schedule[self._groups.get(group_id, _GroupState()).next_index].keep
+        return self._decide(group_id, collected.step, collected.ids, values, keep, collected.parts)
 
     def _decide(self, group_id: str, step: int, ids: list[int], values: np.ndarray, keep: int,
                 parts: int) -> GroupDecision:

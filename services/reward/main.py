@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -13,6 +12,7 @@ import grpc
 
 from epgrpo.protos.v1 import oip_pb2_grpc, reward_pb2_grpc
 from epgrpo.services.common.errors import ServiceError
+from epgrpo.services.common.options import env_option
 from epgrpo.services.common.server import (
     add_server_arguments,
     configure_logging,
@@ -81,43 +81,38 @@ def build_registrar(
     return register
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epgrpo-reward", description="Serves reward backends over gRPC.")
     add_server_arguments(parser, default_port=50051)
-    parser.add_argument(
-        "--rewards", default=None,
-        help="rewards to serve, comma-separated '[name=]backend[:key=value;key=value]', e.g. "
-        "'digit,pickscore:path=/models/pickscore;dtype=float16' (default: $EPGRPO_REWARDS, else "
-        f"{DEFAULT_REWARDS} unless --rewards-config gives some); `--list-rewards` shows the backends",
-    )
-    parser.add_argument(
-        "--rewards-config", type=Path, default=os.environ.get("EPGRPO_REWARDS_CONFIG") or None,
-        help="YAML file with 'rewards: {name: {backend: ..., option: value}}' and optional "
-        "'batching: {max_size, max_delay_ms}' (default: $EPGRPO_REWARDS_CONFIG); combined with --rewards",
-    )
-    parser.add_argument(
-        "--batch-max-size", type=int, default=_env_number("EPGRPO_BATCH_MAX_SIZE", int),
-        help="dynamic batching: merge concurrent requests into backend calls of up to this many images; "
-        "1 turns it off (default: $EPGRPO_BATCH_MAX_SIZE, else the config file, else 1)",
-    )
-    parser.add_argument(
-        "--batch-max-delay-ms", type=float, default=_env_number("EPGRPO_BATCH_MAX_DELAY_MS", float),
-        help="dynamic batching: the longest a request waits for others to join its call, ms "
-        "(default: $EPGRPO_BATCH_MAX_DELAY_MS, else the config file, else 0: merge only what queued while the "
-        "model was busy)",
-    )
+    env_option(parser, "--rewards", env="EPGRPO_REWARDS", default=None,
+               help="rewards to serve, comma-separated '[name=]backend[:key=value;key=value]', e.g. "
+                    f"'digit,pickscore:path=/models/pickscore;dtype=float16' (default: {DEFAULT_REWARDS} unless "
+                    "--rewards-config gives some); `--list-rewards` shows the backends")
+    env_option(parser, "--rewards-config", env="EPGRPO_REWARDS_CONFIG", type=Path, default=None,
+               help="YAML file with 'rewards: {name: {backend: ..., option: value}}' and optional "
+                    "'batching: {max_size, max_delay_ms}'; combined with --rewards")
+    env_option(parser, "--batch-max-size", env="EPGRPO_BATCH_MAX_SIZE", type=int, default=None,
+               help="dynamic batching: merge concurrent requests into backend calls of up to this many images; "
+                    "1 turns it off (default: the config file's, else 1)")
+    env_option(parser, "--batch-max-delay-ms", env="EPGRPO_BATCH_MAX_DELAY_MS", type=float, default=None,
+               help="dynamic batching: the longest a request waits for others to join its call, ms (default: the "
+                    "config file's, else 0: merge only what queued while the model was busy)")
     parser.add_argument("--max-batch", type=int, default=1024,
                         help="most images per Score request; larger ones get RESOURCE_EXHAUSTED (default %(default)s)")
     parser.add_argument("--device", default="auto",
                         help="where models run: auto (cuda when available), cpu, or cuda[:index] (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("EPGRPO_REWARD_WORKERS", "1")),
-                        help="threads scoring requests in parallel (default: $EPGRPO_REWARD_WORKERS, else 1); CPU "
-                             "rewards that release the GIL (jpeg_*) use one core each; model rewards still run one "
-                             "call at a time")
+    env_option(parser, "--workers", env="EPGRPO_REWARD_WORKERS", type=int, default=1,
+               help="threads scoring requests in parallel (default %(default)s); CPU rewards that release the GIL "
+                    "(jpeg_*) use one core each; model rewards still run one call at a time")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="intra-op CPU threads for torch models (default 0: torch's choice); 1 avoids "
                         "slowdowns when other processes share few cores")
     parser.add_argument("--list-rewards", action="store_true", help="print the known reward backends with what they compute and need, and exit")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_batch < 1:
         parser.error(f"--max-batch: expected >= 1, got {args.max_batch}")
@@ -128,21 +123,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _env_number(name: str, kind: type):
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    try:
-        return kind(value)
-    except ValueError:
-        raise SystemExit(f"epgrpo-reward: error: ${name}: expected {kind.__name__}, got {value!r}") from None
-
-
 def resolve_rewards(args: argparse.Namespace) -> tuple[list[RewardEntry], BatchingConfig]:
     """Rewards from --rewards / $EPGRPO_REWARDS and --rewards-config; batching from the flags,
     falling back to the config file, then to off."""
     file_entries, file_batching = load_config_file(args.rewards_config) if args.rewards_config else ([], None)
-    spec = args.rewards if args.rewards is not None else os.environ.get("EPGRPO_REWARDS")
+    spec = args.rewards
     if spec is None and not file_entries:
         spec = DEFAULT_REWARDS
     entries = merge_entries(file_entries, parse_spec(spec or ""))
@@ -160,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_rewards:
         for name in available_backends():
             cls = backend_class(name)
-            print(f"{name}: {cls.description}\n    inputs: {cls.inputs}; range: {cls.range}")
+            print(f"{name}: {cls.description}\n    inputs: {cls.inputs}; range: {cls.range}"
+                  + ("; group-aware (scores each image against its group)" if cls.group_aware else ""))
         return 0
     if args.workers < 1:
         print(f"epgrpo-reward: error: --workers: expected >= 1, got {args.workers}", file=sys.stderr)

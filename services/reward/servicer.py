@@ -33,10 +33,12 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward-scorer")
         self.batchers: dict[str, DynamicBatcher] = {}
         if batching is not None and batching.enabled:
+            # Not for group-aware backends: they are called once per group anyway (merging would save
+            # no model call), and a merged batch could join two requests' groups of the same name.
             self.batchers = {
                 name: DynamicBatcher(functools.partial(scorer.run_backend, name), batching.max_size,
                                      batching.max_delay_ms / 1000.0, self._executor, name=name)
-                for name in scorer.backends
+                for name, backend in scorer.backends.items() if not backend.group_aware
             }
 
     @map_errors
@@ -60,11 +62,14 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def compute(self, images, prompts, metadata, specs):
         """``RewardScorer.score`` off the event loop, through the batchers when batching is on.
         (The OIP front calls this too, so its requests batch together with ours.)"""
+        loop = asyncio.get_running_loop()
         if self.batchers:
             metadata = self.scorer.validate(images, prompts, metadata, specs)  # cheap: on the loop
-            raws = await asyncio.gather(*(self.batchers[name].submit(images, prompts, metadata) for name, _ in specs))
+            raws = await asyncio.gather(*(
+                self.batchers[name].submit(images, prompts, metadata) if name in self.batchers else
+                loop.run_in_executor(self._executor, self.scorer.run_backend, name, images, prompts, metadata)
+                for name, _ in specs))
             return self.scorer.combine(specs, raws)
-        loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.scorer.score, images, prompts, metadata, specs)
 
     @map_errors

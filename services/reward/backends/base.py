@@ -2,6 +2,11 @@
 
 A backend is a plain class usable in-process (no server): benchmarks compare in-process and
 over-the-wire scoring on identical code. ``score`` validates the batch, then calls ``_score``.
+
+A ``group_aware`` backend scores each image relative to the others of its group (e.g. a win rate
+within a GRPO group): ``score`` partitions the batch by the per-image metadata ``group`` and calls
+``_score`` once per group. Images without a ``group`` form one group together, so a batch without
+group metadata is one group.
 """
 
 from __future__ import annotations
@@ -18,9 +23,29 @@ from epgrpo.services.common.errors import InvalidArgument
 # Modules whose import registers the built-in backends (imported on first registry use, so
 # importing this module stays cheap).
 _BUILTIN_MODULES = tuple(
-    f"epgrpo.services.reward.backends.{m}" for m in ("digits", "jpeg", "ocr", "clip", "vlm_judge")
+    f"epgrpo.services.reward.backends.{m}" for m in ("digits", "jpeg", "ocr", "clip", "vlm_judge", "hps", "imagereward")
 )
 _REGISTRY: dict[str, type["RewardBackend"]] = {}
+GROUP_KEY = "group"  # per-image metadata naming the image's group
+
+
+def group_indices(metadata: Sequence[dict]) -> list[np.ndarray]:
+    """Image indices of each group (metadata ``group``; missing or empty: one group of all such
+    images), groups in order of first appearance, indices ascending."""
+    groups: dict[str | None, list[int]] = {}
+    for i, fields in enumerate(metadata):
+        groups.setdefault(fields.get(GROUP_KEY) or None, []).append(i)
+    return [np.asarray(indices, dtype=np.int64) for indices in groups.values()]
+
+
+def win_rates(preference: np.ndarray) -> np.ndarray:
+    """float64 [n]: mean over j != i of P(i beats j), from an [n, n] matrix with P[i, j] + P[j, i] = 1
+    (the diagonal is ignored). A group's win rates sum to n / 2; a group of one scores 0.5."""
+    preference = np.asarray(preference, dtype=np.float64)
+    n = len(preference)
+    if n == 1:
+        return np.full(1, 0.5)
+    return (preference.sum(axis=1) - np.diag(preference)) / (n - 1)
 
 
 def check_batch(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> list[dict[str, str]]:
@@ -58,6 +83,9 @@ class RewardBackend(abc.ABC):
     #: safe to call from several threads at once, with work that releases the GIL (CPU backends such
     #: as JPEG): ``epgrpo-reward --workers N`` then scores N requests in parallel. Others run one at a time.
     concurrent: ClassVar[bool] = False
+    #: scores an image relative to the others of its group: ``_score`` gets one whole group per call
+    #: (see the module docstring), and clients must never split a group across requests.
+    group_aware: ClassVar[bool] = False
 
     def __init__(self, device: str = "cpu"):
         self.device = device
@@ -65,14 +93,25 @@ class RewardBackend(abc.ABC):
     def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict] = ()) -> np.ndarray:
         """float32 [N] scores. Raises InvalidArgument naming the field of a bad sample."""
         metadata = check_batch(images, prompts, metadata)
-        return np.asarray(self._score(images, list(prompts), metadata), dtype=np.float32)
+        if not self.group_aware:
+            return np.asarray(self._score(images, list(prompts), metadata), dtype=np.float32)
+        scores = np.empty(len(images), dtype=np.float32)
+        for indices in group_indices(metadata):
+            part = np.asarray(self._score(images[indices], [prompts[i] for i in indices],
+                                          [metadata[i] for i in indices]), dtype=np.float32)
+            if part.shape != indices.shape:  # a plain assignment would broadcast a scalar silently
+                raise ValueError(f"reward {self.name!r} returned shape {list(part.shape)} for a group of "
+                                 f"{len(indices)} images")
+            scores[indices] = part
+        return scores
 
     @abc.abstractmethod
     def _score(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, str]]) -> np.ndarray:
         """Scores a validated batch."""
 
-    def info(self) -> dict[str, str]:
-        return {"name": self.name, "description": self.description, "inputs": self.inputs, "range": self.range}
+    def info(self) -> dict[str, str | bool]:
+        return {"name": self.name, "description": self.description, "inputs": self.inputs, "range": self.range,
+                "group_aware": self.group_aware}
 
 
 def register_backend(name: str) -> Callable[[type[RewardBackend]], type[RewardBackend]]:

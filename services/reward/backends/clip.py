@@ -1,5 +1,5 @@
-"""CLIP-based rewards loaded from a local directory: CLIPScore, PickScore and a LAION-style aesthetic
-predictor.
+"""CLIP-based rewards loaded from a local directory: CLIPScore, PickScore (and its group-aware
+pairwise win rate) and a LAION-style aesthetic predictor.
 
 The directory is what ``CLIPModel.save_pretrained`` + ``CLIPProcessor.save_pretrained`` write (the
 layout of a hub snapshot such as openai/clip-vit-large-patch14 or yuvalkirstain/PickScore_v1 with
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from epgrpo.services.common.errors import InvalidArgument
-from epgrpo.services.reward.backends.base import RewardBackend, register_backend
+from epgrpo.services.reward.backends.base import RewardBackend, register_backend, win_rates
 
 log = logging.getLogger("epgrpo.reward.clip")
 
@@ -184,6 +184,26 @@ class PickScore(_ClipReward):
     def _score(self, images, prompts, metadata):
         scale = self.encoder.model.logit_scale.detach().float().exp()
         return (scale * self.cosine(images, prompts)).cpu().numpy()
+
+
+@register_backend("pickscore_pairwise")
+class PickScorePairwise(PickScore):
+    """Pick-a-Pic's preference probability, P(i > j) = softmax([s_i, s_j])[0] = sigmoid(s_i - s_j) with
+    s the PickScore above, turned into each image's win rate against the rest of its group. Relative
+    by construction: independent of the score's offset, bounded, and 0.5 on average in every group."""
+
+    description = ("Win rate of each image against the others of its group under PickScore's pairwise "
+                   "preference P(i > j) = softmax([s_i, s_j])[0], s = logit_scale.exp() * cos(image, prompt) "
+                   "(Pick-a-Pic); mean over j != i. Group-aware: groups come from metadata 'group'.")
+    inputs = "prompt (each image scored against its own); metadata 'group' (default: the request is one group)"
+    range = "[0, 1]; a group of n sums to n / 2"
+    group_aware = True
+
+    def _score(self, images, prompts, metadata):
+        s = PickScore._score(self, images, prompts, metadata).astype(np.float64)
+        # sigmoid(d) = (1 + tanh(d / 2)) / 2: no overflow for the large gaps a scale of 100 allows
+        preference = 0.5 * (1.0 + np.tanh((s[:, None] - s[None, :]) / 2.0))
+        return win_rates(preference)
 
 
 @register_backend("aesthetic")
