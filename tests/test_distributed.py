@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def two_ranks(services, toy_dir, record, out, *extra, env=None):
+def two_ranks(services, toy_dir, record, out, *extra, env=None, check=True):
     """``epgrpo train`` (with recording hooks) as 2 CPU ranks under ``accelerate launch``."""
     reward, pruner = services
     command = [
@@ -31,7 +31,9 @@ def two_ranks(services, toy_dir, record, out, *extra, env=None):
     ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 @pytest.mark.slow
@@ -86,3 +88,18 @@ def test_one_rank_without_its_pruner_goes_on_unpruned_and_the_ranks_stay_consist
     assert [len(f["updates"][0]["prompts"]) for f in facts] == [4, 8]  # each rank trains on its own survivors
     finals = [load_file(record / f"rank{r}.safetensors") for r in range(2)]
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0] if k.startswith("final."))
+
+
+@pytest.mark.slow
+def test_under_fsdp_a_rank_without_its_pruner_stops_the_run_at_once_naming_the_way_back(services, tiny_policy_factory,
+                                                                                        tmp_path):
+    """A rank cannot re-run a sharded iteration alone (the others' collectives would pair with the
+    wrong calls): no retry, no checkpoint at the failure, one clear line, the launcher stops the rest."""
+    record, out = tmp_path / "record", tmp_path / "run"
+    proc = two_ranks(services, tiny_policy_factory().model_dir, record, out, "train.fsdp=true",
+                     "pruner.retry_budget_s=60", env={"EPGRPO_TEST_PRUNER_DOWN_ON_RANK": "1"}, check=False)
+    assert proc.returncode != 0
+    assert "epgrpo: error: a service stayed unreachable, stopping" in proc.stderr
+    assert "with train.fsdp an iteration is not re-run on one rank" in proc.stderr
+    assert "gave up after 1 attempts over the 0 s retry budget" in proc.stderr  # not the 60 s given
+    assert not (out / "checkpoints").exists()

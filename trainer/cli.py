@@ -132,7 +132,12 @@ def run_training(config: cfg.Config):
         try:
             return trainer.run()
         except ServicesUnavailable as e:  # keep what the run has (resumable), then stop with a clear message
-            e.checkpoint = trainer.checkpoint()
+            if trainer.fsdp is None:
+                e.checkpoint = trainer.checkpoint()
+            else:  # saving takes every rank, and the others are mid-iteration: the last checkpoint stands
+                e.hint = ("; with train.fsdp an iteration is not re-run on one rank and nothing is saved at the "
+                          "failure: continue from the last checkpoint (train.checkpoint_every) with "
+                          "train.resume_from=latest")
             raise
 
 
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, ServicesUnavailable):
             raise
         saved = (f"; saved a checkpoint of the completed iterations to {e.checkpoint} (continue with "
-                 "train.resume_from=latest)" if e.checkpoint else "")
+                 "train.resume_from=latest)" if e.checkpoint else e.hint)
         print(f"epgrpo: error: a service stayed unreachable, stopping: {e}{saved}", file=sys.stderr)
         return 3
     print(summary)

@@ -55,6 +55,7 @@ class ServicesUnavailable(RuntimeError):
                          f"last error: {last}")
         self.last = last
         self.checkpoint = None  # set by whoever saves what the run has before exiting
+        self.hint = ""  # what to do instead, when no checkpoint could be saved
 
 
 @dataclass

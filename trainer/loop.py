@@ -268,7 +268,9 @@ class Trainer(TrainerState):
         remote call precedes the optimizer step, so a failed attempt changed no weights; the
         prompt sampler and NFE counters are rewound, so the retry is the same iteration, counted once."""
         state = (self.rng.getstate(), self.nfe_cumulative, self.nfe_full_cumulative)
-        budget = RetryBudget(self.c.pruner.retry_budget_s)
+        # Under FSDP a rank cannot re-run its rollout alone: the others are inside the sharded forward
+        # calls, whose collectives would pair with the wrong ones. It stops at once instead (see cli).
+        budget = RetryBudget(0.0 if self.fsdp is not None else self.c.pruner.retry_budget_s)
 
         def rewind():
             self.rng.setstate(state[0])
