@@ -60,6 +60,20 @@ if os.environ.get("EPGRPO_TEST_PRUNER_DOWN_ON_RANK") == os.environ.get("RANK"): 
 
     clients.PrunerStream.decide = unavailable
 
+failing = os.environ.get("EPGRPO_TEST_PRUNER_FAILS_ON_RANK", "")  # "RANK:N": that rank's first N decisions fail
+if failing and failing.split(":")[0] == os.environ.get("RANK"):
+    from epgrpo.trainer import clients
+
+    decide, left = clients.PrunerStream.decide, [int(failing.split(":")[1])]
+
+    def fails_first(self, step, sigma, groups):
+        if left[0] > 0:
+            left[0] -= 1
+            raise clients.ServiceCallError("pruner", "PruneRollout", clients._Ended())
+        return decide(self, step, sigma, groups)
+
+    clients.PrunerStream.decide = fails_first
+
 Distributed.all_reduce_mean_ = recording_all_reduce
 loop.Trainer.sample_and_score, loop.policy_update, loop.Trainer.run = recording_sample, recording_update, run_and_record
 sys.exit(cli.main(["train", *sys.argv[2:]]))

@@ -103,3 +103,35 @@ def test_under_fsdp_a_rank_without_its_pruner_stops_the_run_at_once_naming_the_w
     assert "with train.fsdp an iteration is not re-run on one rank" in proc.stderr
     assert "gave up after 1 attempts over the 0 s retry budget" in proc.stderr  # not the 60 s given
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_whose_pruner_fails_once_retries_together_with_the_others(services, tiny_policy_factory, tmp_path):
+    """Rank 1's first pruning call fails: every rank re-runs that iteration (rank 0 would otherwise wait
+    in the reward gather for a rank that is sampling again), and the run ends as if nothing happened."""
+    record, out = tmp_path / "record", tmp_path / "run"
+    two_ranks(services, tiny_policy_factory().model_dir, record, out, "pruner.retry_budget_s=30",
+              env={"EPGRPO_TEST_PRUNER_FAILS_ON_RANK": "1:1"})
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [1, 2] and metrics[0]["service_retries"] == 1
+    assert "service_retries" not in metrics[1]
+    facts = [json.loads((record / f"rank{r}.json").read_text()) for r in range(2)]
+    # rank 0 sampled iteration 1 twice (same prompts: the sampler was rewound); rank 1's first attempt
+    # raised inside its rollout, so only its retry is recorded
+    assert [[g["iteration"] for g in f["groups"]] for f in facts] == [[1, 1, 2], [1, 2]]
+    assert facts[0]["groups"][0]["prompts"] == facts[0]["groups"][1]["prompts"]
+    finals = [load_file(record / f"rank{r}.safetensors") for r in range(2)]
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0] if k.startswith("final."))
+
+
+@pytest.mark.slow
+def test_when_one_rank_gives_up_on_its_pruner_every_rank_stops_and_saves_the_same_checkpoint(
+        services, tiny_policy_factory, tmp_path):
+    record, out = tmp_path / "record", tmp_path / "run"
+    proc = two_ranks(services, tiny_policy_factory().model_dir, record, out, "pruner.retry_budget_s=1",
+                     "train.iterations=3", env={"EPGRPO_TEST_PRUNER_FAILS_ON_RANK": "1:1000"}, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("epgrpo: error: a service stayed unreachable, stopping") == 2, proc.stderr[-3000:]
+    assert "last error: another rank's service call failed" in proc.stderr  # rank 0 says whose outage it was
+    assert proc.stderr.count("saved a checkpoint of the completed iterations") == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_000000"]

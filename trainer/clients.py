@@ -58,6 +58,24 @@ class ServicesUnavailable(RuntimeError):
         self.hint = ""  # what to do instead, when no checkpoint could be saved
 
 
+class PeerServiceFailure(ServiceCallError):
+    """Another rank's service call failed retryably in this iteration: every rank retries it together
+    (data-parallel ranks re-run an iteration in step, or their collectives would stop lining up)."""
+
+    def __init__(self):
+        RuntimeError.__init__(self, "another rank's service call failed; every rank retries the iteration")
+        self.service, self.method, self.code, self.budget_rejection = "peer", "", grpc.StatusCode.UNAVAILABLE, False
+
+
+class PeerGaveUp(ServicesUnavailable):
+    """Another rank gave up on its services: every rank stops together (and saves the same checkpoint)."""
+
+    def __init__(self):
+        RuntimeError.__init__(self, "another rank's service stayed unreachable for its whole retry budget "
+                                    "(its log names the service); every rank stops")
+        self.last, self.checkpoint, self.hint = None, None, ""
+
+
 @dataclass
 class RetryBudget:
     """Retries retryable :class:`ServiceCallError` s with exponential backoff until ``total_s``
@@ -70,9 +88,12 @@ class RetryBudget:
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
 
-    def call(self, fn: Callable[[float | None], T], what: str, on_retry: Callable[[], None] | None = None) -> T:
+    def call(self, fn: Callable[[float | None], T], what: str, on_retry: Callable[[], None] | None = None,
+             agree: Callable[[bool], bool] | None = None) -> T:
         """``fn(limit)`` runs one attempt; ``limit`` is None on the first attempt, then the budget
-        left (callers clamp their deadlines to it, so giving up never waits a full deadline more)."""
+        left (callers clamp their deadlines to it, so giving up never waits a full deadline more).
+        ``agree(out_of_budget)``, when given, turns each give-up decision into a common one (ranks
+        that fail in step must also stop in step): it returns whether anyone gives up."""
         first_failure, backoff, attempts, limit = None, self.initial_backoff_s, 0, None
         while True:
             attempts += 1
@@ -84,9 +105,10 @@ class RetryBudget:
                 now = self.clock()
                 first_failure = now if first_failure is None else first_failure
                 left = self.total_s - (now - first_failure)
-                if left <= 0:
+                give_up = left <= 0 if agree is None else agree(left <= 0)
+                if give_up:
                     raise ServicesUnavailable(what, self.total_s, attempts, e) from e
-                wait = min(backoff, left)
+                wait = max(0.0, min(backoff, left))
                 log.warning("%s: %s; retry %d in %.2f s (%.1f s of the %g s budget left)", what, e, attempts,
                             wait, left, self.total_s)
                 self.sleep(wait)

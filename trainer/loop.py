@@ -19,7 +19,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from epgrpo.trainer import config as cfg
-from epgrpo.trainer.clients import PrunerClient, RetryBudget, ServicesUnavailable
+from epgrpo.trainer.clients import PrunerClient, ServiceCallError, ServicesUnavailable
 from epgrpo.trainer.distributed import Distributed
 from epgrpo.trainer.ema import EMA
 from epgrpo.trainer.grpo import PromptStatTracker
@@ -28,6 +28,7 @@ from epgrpo.trainer.policy.base import PolicyAdapter
 from epgrpo.trainer.prompts import DIGIT_PROMPTS, load_prompts
 from epgrpo.trainer.pruning import FallbackPruneSession, select_after_sampling
 from epgrpo.trainer.report import MetricsWriter, plot_curves, save_grid
+from epgrpo.trainer.retries import IterationRetries
 from epgrpo.trainer.reward_client import RewardClient
 from epgrpo.trainer.rollout import RolloutResult, rollout_steps, sample_eval, sample_seeds, sde_window, train_step_subset
 from epgrpo.trainer.trainer_state import TrainerState
@@ -42,7 +43,7 @@ def resolve_device(name: str) -> str:
     return name
 
 
-class Trainer(TrainerState):
+class Trainer(TrainerState, IterationRetries):
     def __init__(self, config: cfg.Config, policy: PolicyAdapter, reward: RewardClient, pruner: PrunerClient,
                  dist: Distributed | None = None):
         self.c = config
@@ -196,8 +197,16 @@ class Trainer(TrainerState):
         per_rank = len(prompts) // dist.world_size
         first_group = dist.rank * per_rank
         self.policy.train(False)
-        batch, rewards, raw, rollout_s = self.sample_and_score(iteration, prompts[first_group:first_group + per_rank],
-                                                               first_group)
+        failure = None
+        try:
+            batch, rewards, raw, rollout_s = self.sample_and_score(iteration, prompts[first_group:first_group + per_rank],
+                                                                   first_group)
+        except (ServiceCallError, ServicesUnavailable) as e:
+            if not self.ranks_retry_together or (isinstance(e, ServiceCallError) and not e.retryable):
+                raise
+            failure = e
+        if self.ranks_retry_together:  # before the first collective: every rank learns how the others fared
+            self.agree_on_failures(failure)
         all_rewards = dist.gather(torch.from_numpy(rewards).double()).numpy()
         if c.prune.mode == "full_ovf":
             rows, fell_back = select_after_sampling(self.pruner, batch, rewards, iteration, self.keep,
@@ -260,29 +269,6 @@ class Trainer(TrainerState):
             record[f"reward/{name}"] = dist.mean([float(values.mean())])[0]
         record["rollout_s"] = rollout_s
         record["iteration_s"] = time.perf_counter() - start
-        return record
-
-    def iteration_with_retries(self, iteration: int) -> dict:
-        """``iteration`` run again from its start when a service call failed retryably (e.g. the
-        pruning stream broke because a replica died), within ``pruner.retry_budget_s``. Every
-        remote call precedes the optimizer step, so a failed attempt changed no weights; the
-        prompt sampler and NFE counters are rewound, so the retry is the same iteration, counted once."""
-        state = (self.rng.getstate(), self.nfe_cumulative, self.nfe_full_cumulative)
-        # Under FSDP a rank cannot re-run its rollout alone: the others are inside the sharded forward
-        # calls, whose collectives would pair with the wrong ones. It stops at once instead (see cli).
-        budget = RetryBudget(0.0 if self.fsdp is not None else self.c.pruner.retry_budget_s)
-
-        def rewind():
-            self.rng.setstate(state[0])
-            self.nfe_cumulative, self.nfe_full_cumulative = state[1], state[2]
-
-        try:
-            record = budget.call(lambda _limit: self.iteration(iteration), f"iteration {iteration}", on_retry=rewind)
-        except ServicesUnavailable:
-            rewind()  # a checkpoint saved now must resume exactly at this iteration
-            raise
-        if budget.retries:
-            record["service_retries"] = budget.retries
         return record
 
     # -- the run ------------------------------------------------------------------------------
