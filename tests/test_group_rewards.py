@@ -222,3 +222,45 @@ def test_pruner_scores_a_group_split_in_parts_once_whole(reward_server, pairwise
 
     assert list(decision.survivor_ids) == select_survivors(list(range(6)), np.asarray(decision.proxy_scores), 2,
                                                            open_message.strategy, 0, "g", 2)
+
+
+def test_the_oip_front_announces_the_group_input_and_the_oip_client_sends_whole_groups(reward_server, pairwise,
+                                                                                         group_calls):
+    """OIP has no per-image metadata: a group-aware model declares a GROUP input (ModelMetadata), the
+    trainer's OIP client finds it and sends each image's group there, in requests of whole groups."""
+    import grpc
+
+    from epgrpo.protos.v1 import oip_pb2, oip_pb2_grpc
+    from epgrpo.trainer.oip_reward import OipRewardClient
+
+    with grpc.insecure_channel(reward_server.address) as channel:
+        stub = oip_pb2_grpc.GRPCInferenceServiceStub(channel)
+        inputs = {name: [t.name for t in stub.ModelMetadata(oip_pb2.ModelMetadataRequest(name=name), timeout=10).inputs]
+                  for name in ("pickscore_pairwise", "jpeg_compressibility")}
+    assert inputs == {"pickscore_pairwise": ["IMAGES", "PROMPTS", "GROUP"], "jpeg_compressibility": ["IMAGES", "PROMPTS"]}
+    batch, groups, prompts = images(12, seed=30), [k % 3 for k in range(12)], ["a red cat"] * 12
+    client = OipRewardClient(f"oip://{reward_server.address}", max_batch=5)  # at most 5 images a request
+    try:
+        combined, raw = client.score(batch, prompts, [("pickscore_pairwise", 1.0), ("jpeg_compressibility", 0.0)],
+                                     groups=groups)
+        assert client.group_input("jpeg_compressibility") is None
+    finally:
+        client.close()
+    assert sorted(group_calls) == [("0", 4), ("1", 4), ("2", 4)]  # one request per group, never split
+    expected = pairwise.score(batch, prompts, [{"group": str(g)} for g in groups])
+    np.testing.assert_allclose(raw["pickscore_pairwise"], expected, atol=1e-5)
+    np.testing.assert_allclose(combined, expected, atol=1e-5)
+    with grpc.insecure_channel(reward_server.address) as channel:  # GROUP must have one id per image
+        stub = oip_pb2_grpc.GRPCInferenceServiceStub(channel)
+        tensor = oip_pb2.ModelInferRequest.InferInputTensor
+        from epgrpo.protos.oip_codec import encode_bytes
+
+        request = oip_pb2.ModelInferRequest(
+            model_name="pickscore_pairwise",
+            inputs=[tensor(name="IMAGES", datatype="UINT8", shape=list(batch[:2].shape)),
+                    tensor(name="GROUP", datatype="BYTES", shape=[1])],
+            raw_input_contents=[batch[:2].tobytes(), encode_bytes(["a"])])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("GROUP: expected 2 elements (one per image), got 1")

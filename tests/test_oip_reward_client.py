@@ -66,7 +66,7 @@ def test_tensor_names_are_sent_as_configured(address):
     images, prompts = batch(2)
     client = OipRewardClient(f"oip://{address}?images=pixels")
     try:
-        with pytest.raises(OipRewardError, match=r"INVALID_ARGUMENT: inputs\[0\].name: expected IMAGES or PROMPTS, got 'pixels'"):
+        with pytest.raises(OipRewardError, match=r"INVALID_ARGUMENT: inputs\[0\].name: expected IMAGES, PROMPTS or GROUP, got 'pixels'"):
             client.score(images, prompts, [("digit", 1.0)])
     finally:
         client.close()

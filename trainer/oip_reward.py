@@ -6,6 +6,8 @@ Selected by the reward address: ``reward.address=oip://host:port`` with optional
 tensors (``prompts=`` empty: the models take no prompt input). Images go as UINT8 [N, H, W, C], prompts
 as BYTES [N], the output is read as a float vector of N scores (any numeric datatype). Weighted
 combination happens here, as the reward service would do it. Same interface as ``RewardClient``.
+A model whose metadata declares a ``GROUP`` input (``&group=`` names it otherwise) is group-aware:
+it gets each image's group id there, in requests holding whole groups.
 A bearer token is sent when $EPGRPO_OIP_TOKEN (else $EPGRPO_REWARD_TOKEN, else $EPGRPO_TOKEN) is set.
 """
 
@@ -19,9 +21,11 @@ from urllib.parse import parse_qs, urlsplit
 import grpc
 import numpy as np
 
+from epgrpo.protos import codec
 from epgrpo.protos.channel import create_channel
 from epgrpo.protos.oip_codec import decode_tensor, encode_bytes
 from epgrpo.protos.v1 import oip_pb2, oip_pb2_grpc
+from epgrpo.trainer.reward_client import group_chunks
 
 OIP_SERVICE = "inference.GRPCInferenceService"
 TOKEN_VARIABLES = ("EPGRPO_OIP_TOKEN", "EPGRPO_REWARD_TOKEN", "EPGRPO_TOKEN")
@@ -39,6 +43,7 @@ class OipTarget:
     prompts: str = "PROMPTS"  # "" = no prompt input
     output: str = "SCORE"
     version: str = ""
+    group: str = "GROUP"  # the input a group-aware model declares for each image's group id
 
     @classmethod
     def parse(cls, url: str) -> "OipTarget":
@@ -46,10 +51,10 @@ class OipTarget:
             raise ValueError(f"reward.address: expected oip://host:port[?images=..&prompts=..&output=..], got {url!r}")
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-        unknown = set(query) - {"images", "prompts", "output", "version"}
+        unknown = set(query) - {"images", "prompts", "output", "version", "group"}
         if unknown or not parts.netloc:
             raise ValueError(f"reward.address {url!r}: expected oip://host:port with settings images, prompts, "
-                             f"output, version; got {sorted(unknown) or 'no host:port'}")
+                             f"output, version, group; got {sorted(unknown) or 'no host:port'}")
         return cls(parts.netloc, **query)
 
 
@@ -69,6 +74,7 @@ class OipRewardClient:
         # A bearer token for servers that want one (our reward service in the compose stack does).
         token = next((os.environ[k] for k in TOKEN_VARIABLES if os.environ.get(k)), "")
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._group_input: dict[str, str | None] = {}  # model -> its GROUP input's name (group-aware), or None
 
     @classmethod
     def from_config(cls, section) -> "OipRewardClient":
@@ -93,8 +99,21 @@ class OipRewardClient:
         if missing:
             raise ValueError(f"{field}: OIP server {self.target.address} has no ready model {', '.join(missing)}")
 
-    def infer(self, model: str, images: np.ndarray, prompts: Sequence[str], request_id: str = "") -> np.ndarray:
-        """float32 [N] scores of one model for one chunk."""
+    def group_input(self, model: str) -> str | None:
+        """The model's ``GROUP`` input when its metadata declares one (a group-aware reward), else None;
+        asked once per model. Servers whose metadata fails or lacks it get no groups."""
+        if model not in self._group_input:
+            try:
+                meta = self._call("ModelMetadata", oip_pb2.ModelMetadataRequest(name=model, version=self.target.version))
+                self._group_input[model] = next((t.name for t in meta.inputs if t.name == self.target.group), None)
+            except OipRewardError:
+                self._group_input[model] = None
+        return self._group_input[model]
+
+    def infer(self, model: str, images: np.ndarray, prompts: Sequence[str], request_id: str = "",
+              groups: Sequence | None = None) -> np.ndarray:
+        """float32 [N] scores of one model for one chunk (``groups``: each image's group, sent as the
+        model's GROUP input when it declares one)."""
         tensor = oip_pb2.ModelInferRequest.InferInputTensor
         request = oip_pb2.ModelInferRequest(
             model_name=model, model_version=self.target.version, id=request_id,
@@ -105,6 +124,10 @@ class OipRewardClient:
         if self.target.prompts:
             request.inputs.append(tensor(name=self.target.prompts, datatype="BYTES", shape=[len(prompts)]))
             request.raw_input_contents.append(encode_bytes(list(prompts)))
+        group_input = self.group_input(model) if groups is not None else None
+        if group_input:
+            request.inputs.append(tensor(name=group_input, datatype="BYTES", shape=[len(groups)]))
+            request.raw_input_contents.append(encode_bytes([str(g) for g in groups]))
         response = self._call("ModelInfer", request)
         for i, out in enumerate(response.outputs):
             if out.name == self.target.output:
@@ -119,11 +142,22 @@ class OipRewardClient:
 
     def score(self, images: np.ndarray, prompts: Sequence[str], rewards: Sequence[tuple[str, float]],
               request_id: str = "", groups: Sequence | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Combined scores [N] (sum of weight * model score) and each model's raw scores. ``groups`` is
-        accepted for ``RewardClient``'s interface and not sent: OIP requests carry no per-image metadata."""
-        raw = {name: np.concatenate([self.infer(name, images[s:s + self.max_batch], prompts[s:s + self.max_batch], request_id)
-                                     for s in range(0, len(images), self.max_batch)])
-               for name, _ in rewards}
+        """Combined scores [N] (sum of weight * model score) and each model's raw scores. ``groups`` (each
+        image's group) go to models that declare a GROUP input (group-aware rewards), in requests that
+        hold whole groups."""
+        raw = {}
+        for name, _ in rewards:
+            if groups is not None and self.group_input(name):
+                chunks = group_chunks([str(g) for g in groups], images[:1].nbytes, codec.DEFAULT_MAX_REQUEST_BYTES,
+                                      self.max_batch)
+                order = np.concatenate(chunks)
+                scores = np.concatenate([self.infer(name, images[c], [prompts[i] for i in c], request_id,
+                                                    [groups[i] for i in c]) for c in chunks])
+                raw[name] = np.empty_like(scores)
+                raw[name][order] = scores
+            else:
+                raw[name] = np.concatenate([self.infer(name, images[s:s + self.max_batch], prompts[s:s + self.max_batch],
+                                                       request_id) for s in range(0, len(images), self.max_batch)])
         combined = sum(float(w) * raw[name].astype(np.float64) for name, w in rewards)
         return np.asarray(combined, dtype=np.float32), raw
 

@@ -2,7 +2,9 @@
 
 Every served reward is a model (version "1"): input ``IMAGES`` (UINT8 [N, H, W, C], C = 1 or 3),
 input ``PROMPTS`` (BYTES, N UTF-8 strings; optional for rewards that ignore the prompt), output
-``SCORE`` (FP32 [N], the reward's raw score). Requests go through the same scorer and dynamic
+``SCORE`` (FP32 [N], the reward's raw score). A group-aware reward (a win rate within the group)
+declares a third input, ``GROUP`` (BYTES, each image's group id; without it the request is one
+group): OIP has no per-image metadata, so the group travels as a tensor its metadata announces. Requests go through the same scorer and dynamic
 batchers as ``RewardService.Score``. Only the six KServe v2 RPCs exist; Triton-only ones
 (repository, statistics, shared memory, ...) answer UNIMPLEMENTED.
 """
@@ -19,7 +21,7 @@ from epgrpo.services.common.server import map_errors
 from epgrpo.services.reward.servicer import RewardServicer
 
 OIP_SERVICE_NAME = oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-IMAGES, PROMPTS, SCORE = "IMAGES", "PROMPTS", "SCORE"
+IMAGES, PROMPTS, GROUP, SCORE = "IMAGES", "PROMPTS", "GROUP", "SCORE"
 MODEL_VERSION = "1"
 PLATFORM = "epgrpo_reward"
 
@@ -66,10 +68,12 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context):
         name = self._model(request.name, request.version, "name")
         tensor = oip_pb2.ModelMetadataResponse.TensorMetadata
+        inputs = [tensor(name=IMAGES, datatype="UINT8", shape=[-1, -1, -1, -1]),
+                  tensor(name=PROMPTS, datatype="BYTES", shape=[-1])]
+        if self.rewards.scorer.backends[name].group_aware:
+            inputs.append(tensor(name=GROUP, datatype="BYTES", shape=[-1]))
         return oip_pb2.ModelMetadataResponse(
-            name=name, versions=[MODEL_VERSION], platform=PLATFORM,
-            inputs=[tensor(name=IMAGES, datatype="UINT8", shape=[-1, -1, -1, -1]),
-                    tensor(name=PROMPTS, datatype="BYTES", shape=[-1])],
+            name=name, versions=[MODEL_VERSION], platform=PLATFORM, inputs=inputs,
             outputs=[tensor(name=SCORE, datatype="FP32", shape=[-1])],
         )
 
@@ -80,8 +84,9 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
             if output.name != SCORE:
                 raise InvalidArgument(f"outputs[{i}].name: model {name!r} has one output, {SCORE}; "
                                       f"got {show(output.name)}")
-        images, prompts = self._inputs(request)
-        _, per_reward = await self.rewards.compute(images, prompts, [], [(name, 1.0)])
+        images, prompts, groups = self._inputs(request)
+        metadata = [{"group": g} for g in groups] if groups is not None else []
+        _, per_reward = await self.rewards.compute(images, prompts, metadata, [(name, 1.0)])
         scores = per_reward[0][2].astype("<f4")
         return oip_pb2.ModelInferResponse(
             model_name=name, model_version=MODEL_VERSION, id=request.id,
@@ -90,14 +95,14 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     @staticmethod
-    def _inputs(request: oip_pb2.ModelInferRequest) -> tuple[np.ndarray, list[str]]:
+    def _inputs(request: oip_pb2.ModelInferRequest) -> tuple[np.ndarray, list[str], list[str] | None]:
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
             raise InvalidArgument(f"raw_input_contents: expected one entry per input ({len(request.inputs)}), got {len(raw)}")
         tensors = {}
         for i, tensor in enumerate(request.inputs):
-            if tensor.name not in (IMAGES, PROMPTS):
-                raise InvalidArgument(f"inputs[{i}].name: expected {IMAGES} or {PROMPTS}, got {show(tensor.name)}")
+            if tensor.name not in (IMAGES, PROMPTS, GROUP):
+                raise InvalidArgument(f"inputs[{i}].name: expected {IMAGES}, {PROMPTS} or {GROUP}, got {show(tensor.name)}")
             expected = "UINT8" if tensor.name == IMAGES else "BYTES"
             if tensor.datatype != expected:
                 raise InvalidArgument(f"inputs[{i}].datatype: {tensor.name} must be {expected}, "
@@ -112,12 +117,18 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         images = tensors[IMAGES]
         if images.ndim != 4:
             raise InvalidArgument(f"{IMAGES}.shape: expected [N, H, W, C], got {list(images.shape)}")
-        if PROMPTS not in tensors:
-            return images, [""] * len(images)
-        try:
-            prompts = [p.decode("utf-8") for p in tensors[PROMPTS]]
-        except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"{PROMPTS}: expected UTF-8 strings ({exc})") from None
-        if len(prompts) != len(images):
-            raise InvalidArgument(f"{PROMPTS}: expected {len(images)} elements (one per image), got {len(prompts)}")
-        return images, prompts
+        prompts = _strings(tensors, PROMPTS, len(images))
+        return images, prompts if prompts is not None else [""] * len(images), _strings(tensors, GROUP, len(images))
+
+
+def _strings(tensors: dict, name: str, count: int) -> list[str] | None:
+    """A BYTES input as ``count`` UTF-8 strings (one per image), None when it was not sent."""
+    if name not in tensors:
+        return None
+    try:
+        values = [v.decode("utf-8") for v in tensors[name]]
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{name}: expected UTF-8 strings ({exc})") from None
+    if len(values) != count:
+        raise InvalidArgument(f"{name}: expected {count} elements (one per image), got {len(values)}")
+    return values
