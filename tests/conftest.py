@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import grpc
 import pytest
@@ -105,6 +106,46 @@ def tiny_flux_dir(tmp_path_factory):
     from tiny_flux import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture
+def sd3_services(background_server, tiny_sd3_dir):
+    """(reward, pruner) for the tiny SD3 pipeline: JPEG compressibility, and a pruner decoding its
+    previews with the pipeline's VAE under the name 'tiny-sd3-vae'."""
+    from epgrpo.services.pruner.decode import register_vae_decoder
+    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
+    from epgrpo.services.reward.main import build_registrar as reward_registrar
+
+    register_vae_decoder("tiny-sd3-vae", tiny_sd3_dir)  # what `epgrpo-pruner --vae tiny-sd3-vae=DIR` does
+    reward = background_server(reward_registrar(["jpeg_compressibility"]))
+    pruner = background_server(pruner_registrar(reward.address))
+    return reward, pruner
+
+
+def send_chat_answer(handler, answer: str) -> None:
+    """Answers an OpenAI-compatible /v1/chat/completions request (a fake VLM judge's reply)."""
+    import json
+
+    payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
+@contextlib.contextmanager
+def http_server(handler_class) -> Iterator[str]:
+    """A threaded HTTP server on a free loopback port; yields its base URL."""
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

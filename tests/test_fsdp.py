@@ -84,18 +84,6 @@ def test_one_process_shards_nothing_and_a_sharded_checkpoint_needs_a_sharded_run
         trainer.load_state_dict(tensors, {**meta, "fsdp": {"optimizer_state": True}})
 
 
-@pytest.fixture
-def sd3_services(background_server, tiny_sd3_dir):
-    from epgrpo.services.pruner.decode import register_vae_decoder
-    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
-    from epgrpo.services.reward.main import build_registrar as reward_registrar
-
-    register_vae_decoder("tiny-sd3-vae", tiny_sd3_dir)  # what `epgrpo-pruner --vae tiny-sd3-vae=DIR` does
-    reward = background_server(reward_registrar(["jpeg_compressibility"]))
-    pruner = background_server(pruner_registrar(reward.address))
-    return reward, pruner
-
-
 def train_args(tiny_sd3_dir, services, prompts, *extra):
     reward, pruner = services
     return ["-m", "epgrpo.trainer.cli", "train", "model.name=sd3", f"model.path={tiny_sd3_dir}",

@@ -6,11 +6,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
+from conftest import http_server, send_chat_answer
 from PIL import Image
 
 from epgrpo.services.common.errors import InvalidArgument, Unavailable
@@ -45,22 +45,13 @@ class FakeJudge(BaseHTTPRequestHandler):
             answer = "Score: 11"
         else:
             answer = f"The image is fine.\nScore: {pixels.mean() / 25.5:.1f}"
-        payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_chat_answer(self, answer)
 
 
 @pytest.fixture(scope="module")
 def judge_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with http_server(FakeJudge) as url:
+        yield url
 
 
 def flat_images(levels, channels=3) -> np.ndarray:

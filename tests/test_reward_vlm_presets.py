@@ -7,12 +7,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from itertools import permutations
 
 import numpy as np
 import pytest
+from conftest import http_server, send_chat_answer
 from PIL import Image
 
 from epgrpo.services.common.errors import InvalidArgument
@@ -67,21 +67,13 @@ class FakeJudge(BaseHTTPRequestHandler):
         question = user[-1]["text"]  # the images first, then the question
         FakeJudge.questions.append(question)
         answer = canned(question, [brightness(u) for u in urls], biased=self.path.startswith("/biased"))
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_chat_answer(self, answer)
 
 
 @pytest.fixture(scope="module")
 def judge_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with http_server(FakeJudge) as url:
+        yield url
 
 
 def flat(levels) -> np.ndarray:

@@ -4,7 +4,6 @@ x0-previews travel as latents and the pruner decodes them with its VAE decoder."
 import json
 
 import numpy as np
-import pytest
 from safetensors.torch import load_file
 
 from epgrpo.trainer.clients import PrunerClient
@@ -13,18 +12,6 @@ from epgrpo.trainer.reward_client import RewardClient
 from epgrpo.trainer.config import load_config
 from epgrpo.trainer.loop import Trainer
 from epgrpo.trainer.policy.base import create_policy
-
-
-@pytest.fixture
-def sd3_services(background_server, tiny_sd3_dir):
-    from epgrpo.services.pruner.decode import register_vae_decoder
-    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
-    from epgrpo.services.reward.main import build_registrar as reward_registrar
-
-    register_vae_decoder("tiny-sd3-vae", tiny_sd3_dir)  # what `epgrpo-pruner --vae tiny-sd3-vae=DIR` does
-    reward = background_server(reward_registrar(["jpeg_compressibility"]))
-    pruner = background_server(pruner_registrar(reward.address))
-    return reward, pruner
 
 
 def test_expand_and_prune_on_sd3_through_grpc(sd3_services, tiny_sd3_dir, tmp_path):
