@@ -33,7 +33,7 @@ from epgrpo.trainer.policy.finetune import FineTunedPolicy, resolve_dtype
 log = logging.getLogger("epgrpo.policy.toy")
 
 _DIGIT = re.compile(r"\b([0-9])\b")
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: pretraining with deterministic kernels (bit-identical base models)
 
 
 def cache_root() -> Path:
@@ -131,7 +131,18 @@ def flow_loss(transformer, conditioner, x0, digits, generator) -> torch.Tensor:
 
 def pretrain(recipe: ToyRecipe, out_dir: Path, progress: bool = True, loss_fn=flow_loss,
              what: str = "toy flow model") -> dict:
-    """Pretraining on the bundled digits with ``loss_fn`` (default rectified flow); saves to ``out_dir``."""
+    """Pretraining on the bundled digits with ``loss_fn`` (default rectified flow); saves to ``out_dir``.
+    Deterministic kernels: with several CPU threads some backward kernels otherwise sum in a
+    run-dependent order, and every run from an empty cache would start from another base model."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _pretrain(recipe, out_dir, progress, loss_fn, what)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _pretrain(recipe: ToyRecipe, out_dir: Path, progress: bool, loss_fn, what: str) -> dict:
     torch.manual_seed(recipe.seed)
     images, labels = digit_images(recipe.image_size)
     transformer = build_transformer(recipe)
