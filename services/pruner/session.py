@@ -179,18 +179,11 @@ class RolloutSession:
         """
         keep, ids = self.validate(group_id, step, trajectory_ids, group_size, part_shape)
         values = check_scores(scores, len(ids))
-        pending = self._pending.get(group_id)
-        if pending is None:
-            if not group_size or group_size == len(ids):
-                return self._decide(group_id, step, ids, values, keep, 1)
-            pending = self._pending[group_id] = _PendingParts(step, int(group_size), part_shape)
-        pending.ids.extend(ids)
-        pending.scores.append(values)
-        pending.parts += 1
-        if len(pending.ids) < pending.group_size:
-            return None
-        del self._pending[group_id]
-        return self._decide(group_id, step, pending.ids, np.concatenate(pending.scores), keep, pending.parts)
+        if group_id not in self._pending and (not group_size or group_size == len(ids)):
+            return self._decide(group_id, step, ids, values, keep, 1)  # a whole group: nothing to hold
+        whole = self._hold(group_id, step, ids, group_size, part_shape, scores=values)
+        return None if whole is None else self._decide(group_id, step, whole.ids, np.concatenate(whole.scores),
+                                                        keep, whole.parts)
 
     def collect(self, group_id: str, step: int, trajectory_ids: Sequence[int], group_size: int,
                 part_shape: tuple[int, ...] | None, payload: Any) -> _PendingParts | None:
@@ -201,12 +194,20 @@ class RolloutSession:
         Validates like :meth:`add`; a rejected message leaves the session as it was.
         """
         _, ids = self.validate(group_id, step, trajectory_ids, group_size, part_shape)
+        return self._hold(group_id, step, ids, group_size, part_shape, payload=payload)
+
+    def _hold(self, group_id: str, step: int, ids: list[int], group_size: int, part_shape, *, scores=None,
+              payload: Any = None) -> _PendingParts | None:
+        """Keeps one validated part (its scores or its payload); the group's parts once its ids are
+        complete (and no longer held), else None."""
         pending = self._pending.get(group_id)
         if pending is None:
-            pending = _PendingParts(step, int(group_size) or len(ids), part_shape)
-            self._pending[group_id] = pending
+            pending = self._pending[group_id] = _PendingParts(step, int(group_size) or len(ids), part_shape)
         pending.ids.extend(ids)
-        pending.payloads.append(payload)
+        if scores is not None:
+            pending.scores.append(scores)
+        if payload is not None:
+            pending.payloads.append(payload)
         pending.parts += 1
         if len(pending.ids) < pending.group_size:
             return None

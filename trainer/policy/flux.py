@@ -42,7 +42,7 @@ import torch
 
 from epgrpo.trainer.policy.base import Conditioning, register_policy
 from epgrpo.trainer.policy.finetune import resolve_dtype
-from epgrpo.trainer.policy.latent import LatentPipelinePolicy, offline
+from epgrpo.trainer.policy.latent import LatentPipelinePolicy, load_pipeline, pipeline_location
 from epgrpo.trainer.samplers import FlowSampler, Sampler, SamplerOptions
 
 MAX_T5_TOKENS = 512  # FluxPipeline refuses longer max_sequence_length
@@ -73,23 +73,16 @@ class FluxPolicy(LatentPipelinePolicy):
                  preview_decoder: str = "", progress: bool = True):
         from diffusers import FluxPipeline
 
-        if not path:
-            raise ValueError("model.path: the flux model needs a pipeline directory or hub id "
-                             "(e.g. black-forest-labs/FLUX.1-dev)")
+        local = pipeline_location(path, "flux", "black-forest-labs/FLUX.1-dev")
         if not (math.isfinite(true_cfg_scale) and true_cfg_scale >= 1.0):
             raise ValueError(f"model.true_cfg_scale: expected a finite number >= 1 (1 = off), got {true_cfg_scale!r}")
         if not 1 <= max_sequence_length <= MAX_T5_TOKENS:
             raise ValueError(f"model.max_sequence_length: expected 1..{MAX_T5_TOKENS} for flux, got {max_sequence_length}")
         device = torch.device(device)
         torch_dtype = resolve_dtype(dtype, device)
-        local = Path(path).is_dir()
-        if not local and Path(path).exists():
-            raise ValueError(f"model.path: {path} is not a pipeline directory")
         if resolution and local:  # before minutes of loading when the VAE's config is at hand
             _check_resolution(resolution, _local_vae_scale_factor(path))
-        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=local or offline())
+        pipe = load_pipeline(FluxPipeline, path, local, torch_dtype)
         pipe.set_progress_bar_config(disable=not progress)
         resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor  # the pipeline's default
         _check_resolution(resolution, pipe.vae_scale_factor)

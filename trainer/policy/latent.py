@@ -9,6 +9,7 @@ for x0-previews (tested to agree).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,24 @@ from epgrpo.trainer.policy.finetune import FineTunedPolicy
 def offline() -> bool:
     """True when ``HF_HUB_OFFLINE`` asks for local files only."""
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def pipeline_location(path: str, family: str, example: str) -> bool:
+    """Whether ``model.path`` is a local pipeline directory (else a hub id); raises naming it."""
+    if not path:
+        raise ValueError(f"model.path: the {family} model needs a pipeline directory or hub id (e.g. {example})")
+    local = Path(path).is_dir()
+    if not local and Path(path).exists():
+        raise ValueError(f"model.path: {path} is not a pipeline directory")
+    return local
+
+
+def load_pipeline(pipeline_class, path: str, local: bool, torch_dtype: torch.dtype, **kwargs):
+    """``pipeline_class.from_pretrained``, without downloads for a local directory (or offline)."""
+    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        return pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=local or offline(),
+                                              **kwargs)
 
 
 def vae_decode_to_uint8(vae, latents: torch.Tensor, batch_size: int = 8) -> np.ndarray:

@@ -19,14 +19,12 @@ uint8, the pipeline's own post-processing; the pruner's "vae" decoder does the s
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 
 import torch
 
 from epgrpo.trainer.policy.base import Conditioning, register_policy
 from epgrpo.trainer.policy.finetune import parse_targets, resolve_dtype
-from epgrpo.trainer.policy.latent import LatentPipelinePolicy, offline
+from epgrpo.trainer.policy.latent import LatentPipelinePolicy, load_pipeline, pipeline_location
 from epgrpo.trainer.samplers import DDIMSampler, Sampler, SamplerOptions
 
 # DDPO's LoRA: the attention processors' q/k/v/out projections of every UNet attention layer
@@ -41,19 +39,11 @@ class SDPolicy(LatentPipelinePolicy):
                  gradient_checkpointing: bool = False, preview_decoder: str = ""):
         from diffusers import StableDiffusionPipeline
 
-        if not path:
-            raise ValueError("model.path: the sd model needs a pipeline directory or hub id "
-                             "(e.g. CompVis/stable-diffusion-v1-4)")
+        local = pipeline_location(path, "sd", "CompVis/stable-diffusion-v1-4")
         device = torch.device(device)
         torch_dtype = resolve_dtype(dtype, device)
-        local = Path(path).is_dir()
-        if not local and Path(path).exists():
-            raise ValueError(f"model.path: {path} is not a pipeline directory")
-        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype,
-                                                           local_files_only=local or offline(),
-                                                           safety_checker=None, requires_safety_checker=False)
+        pipe = load_pipeline(StableDiffusionPipeline, path, local, torch_dtype, safety_checker=None,
+                             requires_safety_checker=False)
         resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         if resolution <= 0 or resolution % pipe.vae_scale_factor:
             raise ValueError(f"model.resolution: expected a multiple of {pipe.vae_scale_factor} "

@@ -14,14 +14,13 @@ pipeline's own post-processing; the pruner's "vae" decoder does the same for x0-
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
 
 from epgrpo.trainer.policy.base import Conditioning, register_policy
 from epgrpo.trainer.policy.finetune import resolve_dtype
-from epgrpo.trainer.policy.latent import LatentPipelinePolicy, offline
+from epgrpo.trainer.policy.latent import LatentPipelinePolicy, load_pipeline, pipeline_location
 
 
 def _has_t5(path: str) -> bool:
@@ -41,19 +40,11 @@ class SD3Policy(LatentPipelinePolicy):
                  preview_decoder: str = ""):
         from diffusers import StableDiffusion3Pipeline
 
-        if not path:
-            raise ValueError("model.path: the sd3 model needs a pipeline directory or hub id "
-                             "(e.g. stabilityai/stable-diffusion-3.5-medium)")
+        local = pipeline_location(path, "sd3", "stabilityai/stable-diffusion-3.5-medium")
         device = torch.device(device)
         torch_dtype = resolve_dtype(dtype, device)
-        local = Path(path).is_dir()
-        if not local and Path(path).exists():
-            raise ValueError(f"model.path: {path} is not a pipeline directory")
         drop_t5 = {} if (text_encoder_3 and _has_t5(path)) else {"text_encoder_3": None, "tokenizer_3": None}
-        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=torch_dtype,
-                                                            local_files_only=local or offline(), **drop_t5)
+        pipe = load_pipeline(StableDiffusion3Pipeline, path, local, torch_dtype, **drop_t5)
         self.adopt_pipeline(pipe, path, device=device, dtype=torch_dtype, lora_rank=lora_rank,
                             lora_alpha=lora_alpha, lora_targets=lora_targets,
                             gradient_checkpointing=gradient_checkpointing)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from epgrpo.services.common.errors import InvalidArgument
 from epgrpo.services.reward.backends.base import RewardBackend, register_backend
 from epgrpo.services.reward.backends.clip import resolve_dtype
-from epgrpo.services.reward.backends.weights import load_tensors
+from epgrpo.services.reward.backends.weights import load_exactly, load_tensors
 
 log = logging.getLogger("epgrpo.reward.hps")
 
@@ -167,18 +167,7 @@ def build_clip(cfg: dict, state: dict[str, torch.Tensor], eos_token_id: int, bos
     with init_empty_weights(include_buffers=False):  # weights come from the checkpoint: skip random init
         model = CLIPModel(config)
     mapped = to_transformers(state)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(mapped))
-    if missing:
-        raise InvalidArgument(f"reward 'hpsv2': {where}: the checkpoint lacks {len(missing)} weights of the model, "
-                              f"e.g. {missing[:3]} (is model= its architecture?)")
-    for name, tensor in mapped.items():
-        if name not in expected or tuple(tensor.shape) != tuple(expected[name].shape):
-            want = list(expected[name].shape) if name in expected else "nothing"
-            raise InvalidArgument(f"reward 'hpsv2': {where}: checkpoint tensor for {name} has shape "
-                                  f"{list(tensor.shape)}, the model expects {want} (is model= its architecture?)")
-    model.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True, assign=True)
-    return model.eval()
+    return load_exactly(model, mapped, "hpsv2", where, "is model= its architecture?")
 
 
 @register_backend("hpsv2")

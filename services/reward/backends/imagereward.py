@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from epgrpo.services.common.errors import InvalidArgument
 from epgrpo.services.reward.backends.base import RewardBackend, register_backend
-from epgrpo.services.reward.backends.weights import load_tensors
+from epgrpo.services.reward.backends.weights import load_exactly, load_tensors
 from epgrpo.services.reward.backends.clip import resolve_dtype
 from epgrpo.services.reward.backends.hps import OPENAI_MEAN, OPENAI_STD, eval_transform
 
@@ -109,19 +109,8 @@ def build_model(state: dict[str, torch.Tensor], head_dim: int) -> torch.nn.Modul
     for key, value in state.items():
         name = rename(key)
         if name is not None:
-            mapped[name] = value.float()
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(mapped))
-    if missing:
-        raise InvalidArgument(f"reward 'imagereward': the checkpoint lacks {len(missing)} weights of the model, "
-                              f"e.g. {missing[:3]}")
-    for name, tensor in mapped.items():
-        if name not in expected or tensor.shape != expected[name].shape:
-            want = list(expected[name].shape) if name in expected else "nothing"
-            raise InvalidArgument(f"reward 'imagereward': checkpoint tensor for {name} has shape {list(tensor.shape)}, "
-                                  f"the model expects {want}")
-    model.load_state_dict(mapped, strict=True, assign=True)
-    return model.eval()
+            mapped[name] = value  # (float32 once loaded)
+    return load_exactly(model, mapped, "imagereward")
 
 
 @register_backend("imagereward")

@@ -29,3 +29,23 @@ def load_tensors(path: Path, reward: str, expected: str) -> dict[str, torch.Tens
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InvalidArgument(f"reward {reward!r}: path={path}: expected a state dict of tensors or {{'state_dict': ...}}")
     return state
+
+
+def load_exactly(model: torch.nn.Module, mapped: dict[str, torch.Tensor], reward: str, where: str = "",
+                 hint: str = "") -> torch.nn.Module:
+    """Loads renamed checkpoint tensors into ``model`` (built on the meta device) in float32, only if
+    they fill every weight with the right shape and nothing is left over; else an InvalidArgument
+    naming the tensor (``where``: the file, ``hint``: what to check). Returns the model in eval mode."""
+    at = f"reward {reward!r}: " + (f"{where}: " if where else "")
+    tail = f" ({hint})" if hint else ""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(mapped))
+    if missing:
+        raise InvalidArgument(f"{at}the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:3]}{tail}")
+    for name, tensor in mapped.items():
+        if name not in expected or tuple(tensor.shape) != tuple(expected[name].shape):
+            want = list(expected[name].shape) if name in expected else "nothing"
+            raise InvalidArgument(f"{at}checkpoint tensor for {name} has shape {list(tensor.shape)}, the model "
+                                  f"expects {want}{tail}")
+    model.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True, assign=True)
+    return model.eval()
