@@ -18,7 +18,7 @@ import string
 from pathlib import Path
 
 import torch
-from tiny_sd3 import MAX_TOKENS, _write_tokenizer_files
+from tiny_sd3 import tiny_clip_text, tiny_vae
 
 IMAGE_SIZE = 32  # pixels; latents are 16x16 with 4 channels, packed into 64 tokens of 16 channels
 MAX_T5_TOKENS = 16  # a max_sequence_length that fits short prompts ("a red cat" is 11 T5 tokens)
@@ -36,17 +36,11 @@ def _t5_tokenizer():
 
 def build_tiny_flux(directory: Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
     """Saves a random tiny FluxPipeline to ``directory`` and returns it."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    vocab, merges = _write_tokenizer_files(directory / "_tokenizer_src")
-    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=MAX_TOKENS)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=MAX_TOKENS,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="quick_gelu",
-    )
+    tokenizer, text_config = tiny_clip_text(directory, hidden_act="quick_gelu")
     tokenizer_2 = _t5_tokenizer()
     t5_config = T5Config(
         vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
@@ -58,12 +52,8 @@ def build_tiny_flux(directory: Path, seed: int = 0, guidance_embeds: bool = True
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
         guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
     )
-    vae = AutoencoderKL(
-        sample_size=IMAGE_SIZE, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.1159, scaling_factor=0.3611,
-    )
+    vae = tiny_vae(IMAGE_SIZE, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                   scaling_factor=0.3611)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096,

@@ -12,24 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tiny_sd3 import MAX_TOKENS, _write_tokenizer_files
+from tiny_sd3 import tiny_clip_text, tiny_vae
 
 IMAGE_SIZE = 32  # pixels; latents are 16x16 with 4 channels
 
 
 def build_tiny_sd(directory: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Saves a random tiny StableDiffusionPipeline to ``directory`` and returns it."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    vocab, merges = _write_tokenizer_files(directory / "_tokenizer_src")
-    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=MAX_TOKENS)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=MAX_TOKENS,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="quick_gelu",
-    )
+    tokenizer, text_config = tiny_clip_text(directory, hidden_act="quick_gelu")
     # `attention_head_dim` is the number of heads in UNet2DConditionModel (a legacy name): 2 heads
     # over 16 channels and 4 over 32 give 8 channels per head throughout.
     unet = UNet2DConditionModel(
@@ -37,11 +31,7 @@ def build_tiny_sd(directory: Path, seed: int = 0, prediction_type: str = "epsilo
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        sample_size=IMAGE_SIZE, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=4, scaling_factor=0.18215,
-    )
+    vae = tiny_vae(IMAGE_SIZE, scaling_factor=0.18215)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,

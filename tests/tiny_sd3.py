@@ -29,30 +29,45 @@ def _write_tokenizer_files(directory: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def build_tiny_sd3(directory: Path, seed: int = 0) -> Path:
-    """Saves a random tiny StableDiffusion3Pipeline to ``directory`` and returns it."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+def tiny_clip_text(directory: Path, **config):
+    """(CLIPTokenizer over the in-code vocabulary, a CLIPTextConfig of width 32) the builders share;
+    ``config`` adds to or overrides the text config (hidden_act, projection_dim)."""
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
-    torch.manual_seed(seed)
     vocab, merges = _write_tokenizer_files(directory / "_tokenizer_src")
     tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=MAX_TOKENS)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, projection_dim=32, max_position_embeddings=MAX_TOKENS,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu",
-    )
+    text_config = CLIPTextConfig(**{
+        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+        "num_hidden_layers": 2, "max_position_embeddings": MAX_TOKENS, "bos_token_id": 0, "eos_token_id": 1,
+        "pad_token_id": 1, **config})
+    return tokenizer, text_config
+
+
+def tiny_vae(image_size: int, **config):
+    """A 2-block AutoencoderKL with 4 latent channels (downsampling 2); ``config``: the family's
+    scaling/shift factors and quant-conv settings."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, **config)
+
+
+def build_tiny_sd3(directory: Path, seed: int = 0) -> Path:
+    """Saves a random tiny StableDiffusion3Pipeline to ``directory`` and returns it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, text_config = tiny_clip_text(directory, projection_dim=32, hidden_act="gelu")
     transformer = SD3Transformer2DModel(
         sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
         joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16,
     )
-    vae = AutoencoderKL(
-        sample_size=IMAGE_SIZE, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035,
-    )
+    vae = tiny_vae(IMAGE_SIZE, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                   scaling_factor=1.5035)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=CLIPTextModelWithProjection(text_config), tokenizer=tokenizer,
