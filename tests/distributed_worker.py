@@ -74,6 +74,39 @@ if failing and failing.split(":")[0] == os.environ.get("RANK"):
 
     clients.PrunerStream.decide = fails_first
 
+failing = os.environ.get("EPGRPO_TEST_PRUNE_FAILS_ON_RANK", "")  # "RANK:N": that rank's first N Prune attempts fail
+if failing and failing.split(":")[0] == os.environ.get("RANK"):  # (prune.mode=full_ovf's calls after sampling)
+    from epgrpo.trainer import clients
+
+    select, left = clients.PrunerClient.select_by_scores, [int(failing.split(":")[1])]
+
+    def prune_fails_first(self, group_id, trajectory_ids, scores, keep, strategy="ovf", seed=0, use_budget=True):
+        def attempt(_limit):
+            if left[0] > 0:
+                left[0] -= 1
+                raise clients.ServiceCallError("pruner", "Prune", clients._Ended())
+            return select(self, group_id, trajectory_ids, scores, keep, strategy, seed, use_budget=False)
+
+        return self.retry.call(attempt, f"Prune {group_id}") if use_budget else attempt(None)
+
+    clients.PrunerClient.select_by_scores = prune_fails_first
+
+failing = os.environ.get("EPGRPO_TEST_EVAL_FAILS_ON_RANK", "")  # "RANK:N": scoring the evaluation after iteration N
+if failing and failing.split(":")[0] == os.environ.get("RANK"):  # fails on that rank for the whole retry budget
+    from epgrpo.trainer import clients, reward_client
+
+    score, failing_id = reward_client.RewardClient.score, f"eval-{failing.split(':')[1]}"
+
+    def eval_fails(self, images, prompts, rewards, request_id="", groups=None):
+        if request_id == failing_id:
+            def attempt(_limit):
+                raise clients.ServiceCallError("reward", "Score", clients._Ended())
+
+            self.retry.call(attempt, f"reward service Score {request_id}")
+        return score(self, images, prompts, rewards, request_id, groups)
+
+    reward_client.RewardClient.score = eval_fails
+
 Distributed.all_reduce_mean_ = recording_all_reduce
 loop.Trainer.sample_and_score, loop.policy_update, loop.Trainer.run = recording_sample, recording_update, run_and_record
 sys.exit(cli.main(["train", *sys.argv[2:]]))

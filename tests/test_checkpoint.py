@@ -133,3 +133,63 @@ def test_trainer_state_round_trips(services, tiny_policy_factory, tmp_path):
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(services, tiny_policy_factory, tmp_path):
     with pytest.raises(ValueError, match="train.resume_from: .* is not a checkpoint"):
         train(services, tiny_policy_factory(), tmp_path, "train.iterations=1", f"train.resume_from={tmp_path / 'x'}")
+
+
+class Killed(BaseException):
+    """The process dying in the middle of a save (nothing after it runs)."""
+
+
+def test_resume_latest_skips_a_checkpoint_killed_mid_save(services, tiny_policy_factory, tmp_path, monkeypatch):
+    from epgrpo.trainer import checkpoint
+
+    copy = checkpoint.shutil.copyfile
+
+    def killed_at_iteration_3(source, target):  # state.json is written, the metric files are not
+        if ".tmp" in str(target) and "iter_000003" in str(target):
+            raise Killed()
+        return copy(source, target)
+
+    monkeypatch.setattr(checkpoint.shutil, "copyfile", killed_at_iteration_3)
+    with pytest.raises(Killed):
+        train(services, tiny_policy_factory(lora_rank=4), tmp_path, "train.iterations=4", "train.checkpoint_every=1")
+    monkeypatch.setattr(checkpoint.shutil, "copyfile", copy)
+    half = tmp_path / "checkpoints" / "iter_000003.tmp"
+    assert (half / "state.json").is_file() and not (half / "metrics.jsonl").exists()
+    assert latest_checkpoint(tmp_path).name == "iter_000002"
+    resumed = train(services, tiny_policy_factory(lora_rank=4), tmp_path, "train.iterations=4",
+                    "train.checkpoint_every=1", "train.resume_from=latest")
+    assert [r["iteration"] for r in metrics(tmp_path)] == [1, 2, 3, 4] and resumed.completed_iteration == 4
+    # the half-written one was replaced by a complete save; checkpoint_keep (2) holds the newest
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000003", "iter_000004"]
+
+
+def test_a_missing_rng_file_of_this_rank_is_an_error_naming_it(services, tiny_policy_factory, tmp_path):
+    train(services, tiny_policy_factory(lora_rank=4), tmp_path, "train.iterations=1")
+    (tmp_path / "checkpoints" / "iter_000001" / "rng_rank0.json").unlink()
+    with pytest.raises(ValueError, match="train.resume_from: .*iter_000001 has no rng_rank0.safetensors / "
+                                         "rng_rank0.json \\(rank 0's RNG state"):
+        train(services, tiny_policy_factory(lora_rank=4), tmp_path, "train.iterations=2", "train.resume_from=latest")
+
+
+def test_extending_a_decaying_lr_schedule_on_resume_is_refused(services, tiny_policy_factory, tmp_path):
+    """The linear LR at an iteration depends on train.iterations: resuming with more would silently change it."""
+    schedule = "linear"
+    train(services, tiny_policy_factory(lora_rank=4), tmp_path, "train.iterations=1", f"train.lr_schedule={schedule}")
+    with pytest.raises(ValueError, match=f"train.iterations: the checkpoint's run has 1 iterations and "
+                                         f"train.lr_schedule={schedule} decays over them; resuming with 2"):
+        train(services, tiny_policy_factory(lora_rank=4), tmp_path, "train.iterations=2",
+              f"train.lr_schedule={schedule}", "train.resume_from=latest")
+    assert json.loads((tmp_path / "checkpoints" / "iter_000001" / "state.json").read_text())["iteration"] == 1
+
+
+def test_the_cli_refuses_extending_a_cosine_schedule_with_exit_2(services, tiny_policy_factory, tmp_path, capsys):
+    from epgrpo.trainer import cli
+
+    reward, pruner = services
+    toy = tiny_policy_factory().model_dir
+    args = ["train", *OPTIONS, f"model.path={toy}", "model.device=cpu", f"reward.address={reward.address}",
+            f"pruner.address={pruner.address}", f"out_dir={tmp_path}", "train.lr_schedule=cosine"]
+    assert cli.main([*args, "train.iterations=1"]) == 0
+    assert cli.main([*args, "train.iterations=3", "train.resume_from=latest"]) == 2
+    assert "epgrpo: error: train.iterations: the checkpoint's run has 1 iterations" in capsys.readouterr().err
+    assert cli.main([*args, "train.iterations=1", "train.resume_from=latest"]) == 0  # the same horizon resumes

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def two_ranks(services, toy_dir, record, out, *extra, env=None, check=True):
+def two_ranks(services, toy_dir, record, out, *extra, env=None, check=True, timeout=300):
     """``epgrpo train`` (with recording hooks) as 2 CPU ranks under ``accelerate launch``."""
     reward, pruner = services
     command = [
@@ -29,7 +29,7 @@ def two_ranks(services, toy_dir, record, out, *extra, env=None, check=True):
         "eval.max_prompts=2", f"reward.address={reward.address}", f"pruner.address={pruner.address}",
         "launch_services=false", "progress=false", f"out_dir={out}", *extra,
     ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout,  # a hang fails the test
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})})
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -133,5 +133,48 @@ def test_when_one_rank_gives_up_on_its_pruner_every_rank_stops_and_saves_the_sam
     assert proc.returncode != 0
     assert proc.stderr.count("epgrpo: error: a service stayed unreachable, stopping") == 2, proc.stderr[-3000:]
     assert "last error: another rank's service call failed" in proc.stderr  # rank 0 says whose outage it was
+    assert proc.stderr.count("saved a checkpoint of the completed iterations") == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_000000"]
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_when_rank_0s_evaluation_cannot_be_scored_every_rank_stops_with_the_same_checkpoint(
+        services, tiny_policy_factory, tmp_path):
+    """Evaluation is scored on rank 0 alone: its failure after iteration 1 stops both ranks there (rank 1
+    does not start iteration 2 while rank 0 waits in the checkpoint's barrier), and the resumed run
+    evaluates iteration 1 before going on."""
+    record, out, toy = tmp_path / "record", tmp_path / "run", tiny_policy_factory().model_dir
+    proc = two_ranks(services, toy, record, out, "reward.retry_budget_s=1", "train.iterations=3", "eval.every=1",
+                     env={"EPGRPO_TEST_EVAL_FAILS_ON_RANK": "0:1"}, check=False, timeout=200)
+    assert proc.returncode != 0
+    assert proc.stderr.count("epgrpo: error: a service stayed unreachable, stopping") == 2, proc.stderr[-3000:]
+    assert "Score eval-1: gave up" in proc.stderr and "another rank's service stayed unreachable" in proc.stderr
+    assert proc.stderr.count("saved a checkpoint of the completed iterations") == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_000001"]
+    saved = out / "checkpoints" / "iter_000001"
+    assert [m["iteration"] for m in lines(saved / "metrics.jsonl")] == [1]  # the iteration's record is kept
+    assert [e["iteration"] for e in lines(saved / "eval.jsonl")] == [0]
+
+    two_ranks(services, toy, record, out, "train.iterations=3", "eval.every=1", "train.resume_from=latest",
+              timeout=200)
+    assert [m["iteration"] for m in lines(out / "metrics.jsonl")] == [1, 2, 3]
+    assert [e["iteration"] for e in lines(out / "eval.jsonl")] == [0, 1, 2, 3]  # iteration 1's evaluation redone
+
+
+@pytest.mark.slow
+def test_when_full_ovf_prune_fails_on_one_rank_every_rank_stops_with_the_same_checkpoint(
+        services, tiny_policy_factory, tmp_path):
+    """prune.mode=full_ovf calls Prune after sampling: that call is inside the ranks' agreement too."""
+    record, out = tmp_path / "record", tmp_path / "run"
+    proc = two_ranks(services, tiny_policy_factory().model_dir, record, out, "prune.mode=full_ovf",
+                     "pruner.retry_budget_s=1", env={"EPGRPO_TEST_PRUNE_FAILS_ON_RANK": "1:1000"}, check=False,
+                     timeout=200)
+    assert proc.returncode != 0
+    assert proc.stderr.count("epgrpo: error: a service stayed unreachable, stopping") == 2, proc.stderr[-3000:]
+    assert "Prune it1-g" in proc.stderr and "another rank's service stayed unreachable" in proc.stderr
     assert proc.stderr.count("saved a checkpoint of the completed iterations") == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_000000"]

@@ -5,7 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from epgrpo.trainer.clients import PeerGaveUp, PeerServiceFailure, RetryBudget, ServiceCallError, ServicesUnavailable
+from epgrpo.trainer.clients import (PeerGaveUp, PeerRejected, PeerServiceFailure, RetryBudget, ServiceCallError,
+                                    ServicesUnavailable)
 from epgrpo.trainer.loop import Trainer
 
 
@@ -28,6 +29,17 @@ def own_failure():
     return ServiceCallError("pruner", "PruneRollout", Ended())
 
 
+class Rejected(Ended):
+    def code(self):
+        import grpc
+
+        return grpc.StatusCode.INVALID_ARGUMENT
+
+
+def rejected():
+    return ServiceCallError("reward", "Score", Rejected())
+
+
 def gave_up():
     return ServicesUnavailable("iteration 1", 5.0, 3, own_failure())
 
@@ -40,9 +52,14 @@ def gave_up():
     (None, (1, 2), PeerGaveUp),
     ("gave_up", (0,), ServicesUnavailable),
     ("gave_up", (1,), ServicesUnavailable),
+    # a rejected call (not retryable) stops every rank without a checkpoint: none waits in a save's barrier
+    ("rejected", (0,), ServiceCallError),
+    (None, (3,), PeerRejected),
+    ("gave_up", (3,), PeerRejected),
+    ("failure", (3, 2), PeerRejected),
 ])
 def test_every_rank_raises_when_any_failed_and_stops_when_any_gave_up(mine, others, raised):
-    failure = {"failure": own_failure(), "gave_up": gave_up(), None: None}[mine]
+    failure = {"failure": own_failure(), "gave_up": gave_up(), "rejected": rejected(), None: None}[mine]
     if raised is None:
         assert Trainer.agree_on_failures(ranks(*others), failure) is None
         return
@@ -52,6 +69,8 @@ def test_every_rank_raises_when_any_failed_and_stops_when_any_gave_up(mine, othe
         assert info.value is failure  # a rank's own error is the one it reports
     if raised is PeerServiceFailure:
         assert info.value.retryable  # so the retry budget retries it like the rank's own failure
+    if raised is PeerRejected:  # the CLI's exit 2 for a rejected call, on every rank
+        assert isinstance(info.value, ServiceCallError) and not info.value.retryable
 
 
 def test_the_give_up_decision_is_the_common_one():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -41,7 +42,8 @@ SHARDED_DIR = "sharded"  # with train.fsdp: torch.distributed.checkpoint's files
 # (ema only with train.ema).
 TENSOR_FILES = ("weights", "optimizer", "ema")
 # Options (prefixes) that may change between a run and its resumption without changing what it
-# computes: the length of the run, where services live and how to reach them, evaluation.
+# computes: the length of the run (except under a linear or cosine LR schedule, which decays over it:
+# refused, see _check_schedule_horizon), where services live and how to reach them, evaluation.
 RESUMABLE_CHANGES = ("train.iterations", "train.resume_from", "train.checkpoint_", "out_dir", "launch_services",
                      "progress", "reward.address", "reward.deadline_s", "reward.retry_budget_s", "reward.tls_",
                      "reward.token_file", "pruner.", "eval.", "model.device")
@@ -51,8 +53,31 @@ def checkpoint_dir(out_dir: Path, iteration: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"iter_{iteration:06d}"
 
 
+CHECKPOINT_NAME = re.compile(r"iter_(\d+)")  # a folder being written is iter_N.tmp: never taken
+
+
+def complete_checkpoints(out_dir: Path) -> list[Path]:
+    """The finished checkpoints of ``out_dir``, oldest first. A checkpoint is renamed from its
+    ``.tmp`` folder only after every rank wrote its part, so ``iter_N`` is complete by construction;
+    one without a readable state.json (e.g. copied by hand) is skipped all the same."""
+    found = []
+    for p in (Path(out_dir) / "checkpoints").glob("iter_*"):
+        match = CHECKPOINT_NAME.fullmatch(p.name)
+        if match and p.is_dir() and _readable_state(p):
+            found.append((int(match.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _readable_state(directory: Path) -> bool:
+    try:
+        return "iteration" in json.loads((directory / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted(p for p in (Path(out_dir) / "checkpoints").glob("iter_*") if (p / "state.json").is_file())
+    """The newest complete checkpoint (``train.resume_from=latest``), never a half-written ``.tmp``."""
+    found = complete_checkpoints(out_dir)
     return found[-1] if found else None
 
 
@@ -171,6 +196,36 @@ def _changed_options(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changed
 
 
+# LR schedules whose value at an iteration depends on train.iterations (the horizon).
+HORIZON_SCHEDULES = ("linear", "cosine")
+
+
+def _check_schedule_horizon(saved: dict, current: dict) -> None:
+    """Extending (or shortening) a run on resume is harmless, except for a schedule that decays over
+    train.iterations: the LR of every remaining iteration would change without a word (cosine at
+    iteration 50 of 100: 0.5 x lr; resumed with 200: 0.854 x lr). Refused, naming the way out."""
+    before, after = saved.get("train", {}), current.get("train", {})
+    schedule = after.get("lr_schedule")
+    if schedule in HORIZON_SCHEDULES and before.get("iterations") != after.get("iterations"):
+        raise ValueError(f"train.iterations: the checkpoint's run has {before.get('iterations')} iterations and "
+                         f"train.lr_schedule={schedule} decays over them; resuming with {after.get('iterations')} "
+                         f"would change the learning rate of every remaining iteration. Resume with "
+                         f"train.iterations={before.get('iterations')}, or start a new run (a constant schedule "
+                         "may be extended)")
+
+
+def _require_rng_files(dist, directory: Path, state: dict) -> None:
+    """Every rank restores its own RNG state, never another's: a missing file is an error on every rank
+    (decided together, so no rank is left waiting for one that stopped)."""
+    names = [f"rng_rank{dist.rank}.safetensors", f"rng_rank{dist.rank}.json"]
+    missing = [n for n in names if not (directory / n).is_file()]
+    first = next((r for r, m in enumerate(dist.counts(int(bool(missing)))) if m), None)
+    if first is not None:
+        raise ValueError(f"train.resume_from: {directory} has no rng_rank{first}.safetensors / rng_rank{first}.json "
+                         f"(rank {first}'s RNG state; saved by {state.get('world_size', '?')} ranks, this run has "
+                         f"{dist.world_size}): resume from a complete checkpoint with the ranks it was saved with")
+
+
 def load_checkpoint(trainer, directory: str | Path) -> int:
     """Restores ``trainer`` from ``directory`` (and the metric files into its out_dir); returns the
     iteration to continue after."""
@@ -178,6 +233,8 @@ def load_checkpoint(trainer, directory: str | Path) -> int:
     if not (directory / "state.json").is_file():
         raise ValueError(f"train.resume_from: {directory} is not a checkpoint (no state.json)")
     state = json.loads((directory / "state.json").read_text())
+    _require_rng_files(trainer.dist, directory, state)
+    _check_schedule_horizon(state["config"], trainer.config_dict())
     for change in _changed_options(state["config"], trainer.config_dict()):
         log.warning("resuming with a changed option (the run will not match an uninterrupted one): %s", change)
     tensors = {f"{group}/{name}": value for group in TENSOR_FILES if (directory / f"{group}.safetensors").is_file()
@@ -189,7 +246,7 @@ def load_checkpoint(trainer, directory: str | Path) -> int:
                               with_optimizer=state["fsdp"]["optimizer_state"])
     except ValueError as e:
         raise ValueError(f"{e} ({directory})") from None
-    rank = trainer.dist.rank if (directory / f"rng_rank{trainer.dist.rank}.json").is_file() else 0
+    rank = trainer.dist.rank
     rng_tensors = load_file(directory / f"rng_rank{rank}.safetensors")
     rng_meta = json.loads((directory / f"rng_rank{rank}.json").read_text())
     torch.set_rng_state(rng_tensors["torch"])
@@ -214,6 +271,5 @@ def prune_checkpoints(out_dir: Path, keep: int) -> None:
     """Keeps the newest ``keep`` iteration checkpoints (0 keeps all)."""
     if keep <= 0:
         return
-    found = sorted(p for p in (Path(out_dir) / "checkpoints").glob("iter_*") if p.is_dir() and p.suffix != ".tmp")
-    for old in found[:-keep]:
+    for old in complete_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

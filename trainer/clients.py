@@ -76,6 +76,16 @@ class PeerGaveUp(ServicesUnavailable):
         self.last, self.checkpoint, self.hint = None, None, ""
 
 
+class PeerRejected(ServiceCallError):
+    """Another rank's service call was rejected (not retryable, e.g. a reward the service does not
+    serve): every rank stops with the same kind of error, none waits for the others in a checkpoint."""
+
+    def __init__(self):
+        RuntimeError.__init__(self, "another rank's service call was rejected (its log names the service and "
+                                    "why); every rank stops")
+        self.service, self.method, self.code, self.budget_rejection = "peer", "", grpc.StatusCode.INVALID_ARGUMENT, False
+
+
 @dataclass
 class RetryBudget:
     """Retries retryable :class:`ServiceCallError` s with exponential backoff until ``total_s``

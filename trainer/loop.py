@@ -127,6 +127,11 @@ class Trainer(TrainerState, IterationRetries):
             record["judge"] = float(judge.mean())
         return record, images
 
+    def is_evaluation(self, iteration: int) -> bool:
+        """Whether the run evaluates after ``iteration`` (every eval.every, and after the last)."""
+        every = self.c.eval.every
+        return bool(every and iteration % every == 0) or iteration == self.c.train.iterations
+
     # -- one iteration ------------------------------------------------------------------------
     def sde_steps(self, iteration: int) -> list[int] | None:
         """The stochastic steps of this iteration's rollouts (None = every step but the last)."""
@@ -198,21 +203,22 @@ class Trainer(TrainerState, IterationRetries):
         first_group = dist.rank * per_rank
         self.policy.train(False)
         failure = None
-        try:
+        try:  # every service call of the iteration, before its first collective
             batch, rewards, raw, rollout_s = self.sample_and_score(iteration, prompts[first_group:first_group + per_rank],
                                                                    first_group)
+            final_rewards = rewards
+            if c.prune.mode == "full_ovf":
+                rows, fell_back = select_after_sampling(self.pruner, batch, rewards, iteration, self.keep,
+                                                        fallback=c.pruner.on_unavailable == "no_prune")
+                self.fallback_groups += fell_back
+                batch, rewards = batch.keep(rows), rewards[rows.cpu().numpy()]
         except (ServiceCallError, ServicesUnavailable) as e:
-            if not self.ranks_retry_together or (isinstance(e, ServiceCallError) and not e.retryable):
+            if not self.ranks_retry_together:
                 raise
             failure = e
         if self.ranks_retry_together:  # before the first collective: every rank learns how the others fared
             self.agree_on_failures(failure)
-        all_rewards = dist.gather(torch.from_numpy(rewards).double()).numpy()
-        if c.prune.mode == "full_ovf":
-            rows, fell_back = select_after_sampling(self.pruner, batch, rewards, iteration, self.keep,
-                                                    fallback=c.pruner.on_unavailable == "no_prune")
-            self.fallback_groups += fell_back
-            batch, rewards = batch.keep(rows), rewards[rows.cpu().numpy()]
+        all_rewards = dist.gather(torch.from_numpy(final_rewards).double()).numpy()
         # all ranks see all kept rewards: identical advantages and stat tracker everywhere
         kept_rewards = dist.gather(torch.from_numpy(rewards).double())
         kept_groups = dist.gather(batch.group_index.cpu() + first_group)
@@ -298,9 +304,19 @@ class Trainer(TrainerState, IterationRetries):
         writer = MetricsWriter(self.out, purge_step=done + 1, wandb=self.wandb) if main else None
         start = time.perf_counter()
         evals, iterations = self._read_jsonl(self.out / "eval.jsonl"), self._read_jsonl(self.out / "metrics.jsonl")
-        last_images = None
-        if done == 0 and self.evaluates:
-            first, last_images = self.evaluate(0)
+        last_images, evaluated = None, False  # evaluated: the same on every rank (each joins the agreement)
+        if done == 0:
+            first, last_images = self.evaluate_in_step(0)
+            evaluated = True
+        elif self.is_evaluation(done) and self.dist.counts(int(main and not any(e.get("iteration") == done
+                                                                           for e in evals)))[0]:
+            # the run stopped while evaluating that iteration (a service failed): evaluate it now (rank 0's
+            # eval.jsonl decides: a node-local out_dir elsewhere need not hold it)
+            e, last_images = self.evaluate_in_step(done)
+            evaluated = True
+            if main:
+                evals.append(e)
+                writer.write("eval", e, done)
         if done == 0 and main:
             evals = [first]
             writer.write("eval", first, 0)
@@ -313,12 +329,14 @@ class Trainer(TrainerState, IterationRetries):
             record = self.iteration_with_retries(it)
             self.completed_iteration = it
             iterations.append(record)
-            evaluation = (c.eval.every and it % c.eval.every == 0) or it == c.train.iterations
-            if evaluation and self.evaluates:
-                e, last_images = self.evaluate(it)
-            if main:
+            if main:  # before evaluating: a checkpoint saved at a failed evaluation holds the iteration's record
                 writer.write("metrics", record, it)
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", nfe=f"{record['nfe']}/{record['nfe_full']}")
+            evaluation = self.is_evaluation(it)
+            if evaluation:
+                e, last_images = self.evaluate_in_step(it)
+                evaluated = True
+            if main:
                 if evaluation:
                     evals.append(e)
                     writer.write("eval", e, it)
@@ -330,8 +348,8 @@ class Trainer(TrainerState, IterationRetries):
                     writer.flush()
                 self.checkpoint()
         wall = time.perf_counter() - start
-        if last_images is None and self.evaluates:  # resumed after the last iteration: nothing sampled here
-            e, last_images = self.evaluate(self.completed_iteration)
+        if not evaluated:  # resumed after the last iteration: nothing sampled here
+            e, last_images = self.evaluate_in_step(self.completed_iteration)
         if self.fsdp is not None:  # every rank gathers the sharded weights, rank 0 writes them
             with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
                 exported = self.fsdp.export(self.out, main)
