@@ -24,8 +24,9 @@ def ddpo_reference(sched: DDIMScheduler, num_steps: int, t: int, out, x, eta: fl
     out, x, xi = (np.asarray(a, dtype=np.float64) for a in (out, x, xi))
     alphas = sched.alphas_cumprod.double().numpy()
     prev = t - sched.config.num_train_timesteps // num_steps
+    prev = min(max(prev, 0), sched.config.num_train_timesteps - 1)  # DDPO clamps the previous timestep
     alpha_t = alphas[t]
-    alpha_prev = alphas[prev] if prev >= 0 else float(sched.final_alpha_cumprod)
+    alpha_prev = alphas[prev] if prev >= 0 else float(sched.final_alpha_cumprod)  # (always >= 0 after the clamp)
     beta_t, beta_prev = 1 - alpha_t, 1 - alpha_prev
     if sched.config.prediction_type == "epsilon":
         x0 = (x - beta_t**0.5 * out) / alpha_t**0.5
@@ -48,8 +49,9 @@ def ddpo_reference(sched: DDIMScheduler, num_steps: int, t: int, out, x, eta: fl
 @pytest.mark.parametrize("eta", [1.0, 0.5])
 @pytest.mark.parametrize("i", [0, 3, 9])
 @pytest.mark.parametrize("clip", [False, True])
-def test_step_matches_float64_transcription_of_ddpo(prediction_type, eta, i, clip):
-    sched = scheduler(prediction_type=prediction_type, clip_sample=clip)
+@pytest.mark.parametrize("alpha_to_one", [False, True])  # True: the diffusion toy's scheduler
+def test_step_matches_float64_transcription_of_ddpo(prediction_type, eta, i, clip, alpha_to_one):
+    sched = scheduler(prediction_type=prediction_type, clip_sample=clip, set_alpha_to_one=alpha_to_one)
     sampler = DDIMSampler.from_scheduler(sched, 10, eta=eta)
     g = torch.Generator().manual_seed(i)
     x, out, xi = (torch.randn(4, 3, 5, 5, generator=g) for _ in range(3))
@@ -106,3 +108,30 @@ def test_zero_eta_has_no_log_prob_and_bad_options_are_named():
         DDIMSampler.from_scheduler(scheduler(prediction_type="sample"), 4)
     with pytest.raises(ValueError, match="thresholding"):
         DDIMSampler.from_scheduler(scheduler(thresholding=True), 4)
+
+
+def test_the_last_stochastic_step_keeps_a_variance_with_set_alpha_to_one_as_ddpo():
+    """DDPO's last step uses alphas_cumprod[0] (the clamped previous timestep), not final_alpha_cumprod = 1:
+    sampling.sde_last_step works on the diffusion toy's scheduler; the deterministic step stays diffusers'."""
+    sched = scheduler(set_alpha_to_one=True)
+    sampler = DDIMSampler.from_scheduler(sched, 10, eta=1.0)
+    a, a0 = float(sched.alphas_cumprod[sampler.timesteps[-1]]), float(sched.alphas_cumprod[0])
+    assert sampler.std(9) == pytest.approx(((1 - a0) / (1 - a)) ** 0.5 * (1 - a / a0) ** 0.5, rel=1e-9)
+    assert sampler.std(9) > 0
+    x, out = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    assert torch.isfinite(sampler.step(x, out, 9, noise=torch.randn_like(x)).log_prob).all()
+    sched.set_timesteps(10)
+    torch.testing.assert_close(sampler.deterministic_step(x, out, 9), sched.step(out, sched.timesteps[-1], x).prev_sample,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [10, 50])
+def test_eta_beyond_what_the_grid_allows_is_refused_at_start_naming_the_option(steps):
+    largest = DDIMSampler.from_scheduler(scheduler(), steps).max_eta()
+    assert 1.0 <= largest < 1.1  # DDPO's eta = 1 fits; eta in (1.1, 2] used to fail mid-rollout
+    with pytest.raises(ValueError, match=r"sampling.eta: expected 0 <= eta <= 1\.0.* got 1.5"):
+        DDIMSampler.from_scheduler(scheduler(), steps, eta=1.5)
+    edge = DDIMSampler.from_scheduler(scheduler(), steps, eta=largest)  # the largest allowed still has a real mean
+    x = torch.randn(2, 1, 4, 4)
+    for i in range(steps):
+        assert torch.isfinite(edge.step(x, torch.randn_like(x), i, noise=torch.randn_like(x)).mean).all()

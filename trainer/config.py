@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 # Modes are enumerations: a value outside them stops the run naming the field and the choices.
+KlForm = Literal["exact", "flow_grpo"]
 PruneMode = Literal["grpo", "full_ovf", "expand_prune", "random_prune"]
 EvalSampler = Literal["auto", "deterministic", "stochastic"]
 OnUnavailable = Literal["retry", "no_prune"]
@@ -110,6 +111,9 @@ class TrainConfig:
     lr: float = opt(2e-4, "AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     beta: float = opt(0.04, "KL coefficient to the reference policy (0 disables the reference pass)")
+    kl_form: KlForm = opt("exact", "the KL regulariser: exact = the KL of the step's Gaussians, (mean - mean_ref)^2 / "
+                          "(2 std_t^2 |dt|); flow_grpo = Flow-GRPO's train_sd3.py form, / (2 std_t^2) without dt "
+                          "(1/|dt| times weaker at the same beta; flow models only)")
     clip_range: float = opt(1e-4, "PPO clip range on the per-step importance ratio")
     adv_clip: float = opt(5.0, "advantages are clipped to +-adv_clip")
     global_std: bool = opt(False, "normalise advantages by the std over all groups")

@@ -1,9 +1,13 @@
 """Exponential moving average of the trainable weights (Flow-GRPO's ``train.ema``).
 
 The average is what evaluation samples with and what the run exports; training itself always
-continues from the raw weights. The decay warms up as Flow-GRPO's does,
-``min(decay, (1 + n) / (10 + n))`` for the n-th update, so early averages are not dominated by
-the initial weights.
+continues from the raw weights. The decay warms up as Flow-GRPO's ``EMAModuleWrapper`` does, from
+the optimizer step count: after optimizer step s (0-based) the average is taken when
+(s + 1) % every == 0, with decay ``min(decay, (1 + s) / (10 + s))`` (with every = 8: 0.47 at the
+first average, s = 7; 0.90 from s = 79 on), so early averages are not dominated by the initial
+weights. (Flow-GRPO's train_sd3.py passes its step counter after incrementing it and calls the
+EMA once per sample micro-batch, so its first average comes one optimizer step earlier and, with
+gradient accumulation, is repeated per micro-batch; here it is one average per averaging step.)
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ class EMA:
         self.calls += 1
         if self.calls % self.every:
             return
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        step = self.calls - 1  # the optimizer step just taken, 0-based (Flow-GRPO's optimization_step)
+        decay = min(self.decay, (1 + step) / (10 + step))
         for s, p in zip(self.shadow, self.params):
             s.mul_(decay).add_(p.detach().float(), alpha=1 - decay)
         self.updates += 1

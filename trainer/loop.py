@@ -56,7 +56,8 @@ class Trainer(TrainerState, IterationRetries):
         self.judge = cfg.parse_rewards(config.reward.judge, "reward.judge")
         self.schedule = cfg.schedule(config)
         self.keep = cfg.final_keep(config)
-        self.sampler = policy.make_sampler(config.sampling.num_steps, cfg.sampler_options(config))
+        self.sampler = policy.make_sampler(config.sampling.num_steps,
+                                           cfg.sampler_options(config)).with_kl_form(config.train.kl_form)
         self.out = Path(config.out_dir)
         self.eval_sampler = policy.make_sampler(config.eval.num_steps or config.sampling.num_steps,
                                                 cfg.sampler_options(config))

@@ -37,6 +37,18 @@ def _chunks(count: int, size: int, device) -> list[torch.Tensor]:
     return [torch.arange(s, min(s + size, count), device=device) for s in range(0, count, size)]
 
 
+def equal_shares(micro_batches: int, steps: int) -> list[list[int]]:
+    """Exactly ``steps`` consecutive shares of the micro-batches, sizes differing by at most one
+    (train.optimizer_steps); fewer micro-batches than steps is refused, naming the options."""
+    if micro_batches < steps:
+        raise ValueError(f"train.optimizer_steps: {steps} optimizer steps per inner epoch need at least {steps} "
+                         f"micro-batches, the iteration has {micro_batches} (lower train.train_batch_size or "
+                         f"train.optimizer_steps)")
+    sizes = [micro_batches // steps + (k < micro_batches % steps) for k in range(steps)]  # the larger ones first
+    starts = [sum(sizes[:k]) for k in range(steps)]
+    return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
+
+
 def policy_update(
     policy: PolicyAdapter,
     optimizer: torch.optim.Optimizer,
@@ -84,10 +96,10 @@ def policy_update(
     real = len(chunks)  # micro-batches with weight; the ones after them are padding
     chunks += chunks[:1] * max(0, micro_batches - real)
     if optimizer_steps > 0:  # Flow-GRPO's cadence: accumulate over 1/optimizer_steps of the micro-batches
-        per_step = math.ceil(len(chunks) / min(optimizer_steps, len(chunks)))
+        step_groups = equal_shares(len(chunks), optimizer_steps)
     else:
         per_step = len(chunks) if gradient_accumulation <= 0 else min(gradient_accumulation, len(chunks))
-    step_groups = [list(range(s, min(s + per_step, len(chunks)))) for s in range(0, len(chunks), per_step)]
+        step_groups = [list(range(s, min(s + per_step, len(chunks)))) for s in range(0, len(chunks), per_step)]
     advantages = advantages.to(policy.device)
     params = policy.trainable_parameters()
 
@@ -126,7 +138,7 @@ def policy_update(
                     if beta > 0:
                         with torch.no_grad(), policy.reference():
                             out_ref = policy.predict(x, sampler.timestep(i), select(cond, rows))
-                        kl = sampler.kl(step.mean, sampler.step(x, out_ref, i, sample=x_next).mean, step.std)
+                        kl = sampler.kl(step.mean, sampler.step(x, out_ref, i, sample=x_next).mean, step.std, i)
                     terms = clipped_policy_loss(step.log_prob, old_log_probs[i, c], advantages[rows], clip_range,
                                                 kl, beta)
                     (terms.loss * weight).backward()

@@ -89,9 +89,19 @@ class Sampler(ABC):
     def x0(self, x: torch.Tensor, model_out: torch.Tensor, i: int) -> torch.Tensor:
         """The clean-sample estimate at x_i, free given the model output already computed."""
 
-    def kl(self, mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """KL of the policy's step Gaussian to the reference's (same std), per sample."""
+    #: train.kl_form: "exact" (the KL of the step's Gaussians) or "flow_grpo" (flow samplers only)
+    kl_form: str = "exact"
+
+    def kl(self, mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor, i: int | None = None) -> torch.Tensor:
+        """KL of the policy's step ``i`` Gaussian to the reference's (same std), per sample."""
         return gaussian_kl(mean, mean_ref, std)
+
+    def with_kl_form(self, form: str) -> "Sampler":
+        """This sampler with the KL regulariser of ``train.kl_form``."""
+        if form != "exact":
+            raise ValueError(f"train.kl_form: {form!r} needs a flow model's SDE sampler (its std_t without dt); "
+                             f"{type(self).__name__} has the exact Gaussian KL only: use train.kl_form=exact")
+        return self
 
     @abstractmethod
     def to(self, device) -> "Sampler":

@@ -1,7 +1,7 @@
 """DDPO's stochastic DDIM sampler for diffusion models (epsilon- or v-prediction; pure torch).
 
 With alphabar = the scheduler's ``alphas_cumprod``, a step from timestep t to t' = t - T/n
-(T training timesteps, n inference steps; alphabar' = the final alpha below 0) is
+(T training timesteps, n inference steps) is
 
     x0_hat = (x - sqrt(1 - alphabar) eps_hat) / sqrt(alphabar)               (epsilon-prediction)
     x0_hat = sqrt(alphabar) x - sqrt(1 - alphabar) v_hat,
@@ -12,6 +12,11 @@ With alphabar = the scheduler's ``alphas_cumprod``, a step from timestep t to t'
 x0_hat is clipped when the scheduler config says so (``clip_sample``). The log-prob of x' is the
 Gaussian N(mean, sigma_t^2) in float32, averaged over non-batch dims, as DDPO's
 ``ddim_step_with_logprob``; with eta = 0 the step is diffusers' own ``DDIMScheduler.step``.
+
+Below timestep 0 the two differ: the stochastic step clamps t' to 0 as DDPO does (alphabar' =
+alphas_cumprod[0], so the last step keeps a variance even with ``set_alpha_to_one``), the
+deterministic one uses the scheduler's ``final_alpha_cumprod`` as diffusers does. eta may not
+exceed what the grid allows: beyond it 1 - alphabar' - sigma_t^2 < 0 and the mean is undefined.
 """
 
 from __future__ import annotations
@@ -47,8 +52,14 @@ class DDIMSampler(Sampler):
         # per step: alphabar_t, alphabar_t' (float64 tables; each step casts to float32 once)
         self._alpha = [float(self.alphas_cumprod[t]) for t in self.timesteps]
         self._alpha_prev = [float(self.alphas_cumprod[t - stride]) if t - stride >= 0 else self.final_alpha_cumprod
-                            for t in self.timesteps]
+                            for t in self.timesteps]  # the deterministic step: diffusers' DDIMScheduler.step
+        # the stochastic step: DDPO clamps the previous timestep to >= 0
+        self._alpha_prev_sde = [float(self.alphas_cumprod[max(t - stride, 0)]) for t in self.timesteps]
         self.device = torch.device("cpu")
+        largest = self.max_eta()
+        if self.eta > largest:
+            raise ValueError(f"sampling.eta: expected 0 <= eta <= {largest:.6g} (beyond it this {self.num_steps}-step "
+                             f"DDIM grid has 1 - alphabar' - sigma_t^2 < 0: no real mean), got {eta}")
 
     @classmethod
     def from_scheduler(cls, scheduler, num_steps: int, eta: float = 1.0) -> "DDIMSampler":
@@ -82,26 +93,31 @@ class DDIMSampler(Sampler):
         return x0, eps
 
     def std(self, i: int, eta: float | None = None) -> float:
-        """sigma_t of step i: eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a')."""
-        a, a_prev = self._alpha[i], self._alpha_prev[i]
+        """sigma_t of step i: eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a') (a' clamped as DDPO's)."""
+        a, a_prev = self._alpha[i], self._alpha_prev_sde[i]
         eta = self.eta if eta is None else eta
         return eta * ((1 - a_prev) / (1 - a)) ** 0.5 * (1 - a / a_prev) ** 0.5
 
-    def _mean(self, x, out, i, std: float) -> torch.Tensor:
+    def max_eta(self) -> float:
+        """The largest eta for which every step's 1 - a' - sigma_t^2 >= 0."""
+        limits = [((1 - a_prev) / self.std(i, 1.0) ** 2) ** 0.5 for i, a_prev in enumerate(self._alpha_prev_sde)
+                  if self.std(i, 1.0) > 0]
+        return min(limits, default=float("inf"))
+
+    def _mean(self, x, out, i, std: float, a_prev: float) -> torch.Tensor:
         x0, eps = self._x0_eps(x, out, i)
-        a_prev = self._alpha_prev[i]
-        return a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+        return a_prev**0.5 * x0 + max(0.0, 1 - a_prev - std**2) ** 0.5 * eps  # max: rounding at eta = max_eta
 
     def step(self, x, model_out, i, noise=None, sample=None) -> StepResult:
         std = self.std(i)
         if std <= 0:
             raise ValueError(f"step {i}: the DDIM step has zero variance (eta = {self.eta}); it has no log-prob")
-        mean = self._mean(x, model_out, i, std)
+        mean = self._mean(x, model_out, i, std, self._alpha_prev_sde[i])
         return gaussian_step(mean, torch.full((len(x),) + (1,) * (x.ndim - 1), std, device=mean.device),
                              noise, sample)
 
     def deterministic_step(self, x, model_out, i) -> torch.Tensor:
-        return self._mean(x, model_out, i, 0.0)
+        return self._mean(x, model_out, i, 0.0, self._alpha_prev[i])
 
     def x0(self, x, model_out, i) -> torch.Tensor:
         return self._x0_eps(x, model_out, i)[0]

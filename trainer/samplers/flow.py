@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from epgrpo.trainer.samplers.base import Sampler, StepResult
+from epgrpo.trainer.samplers.base import Sampler, StepResult, gaussian_kl
 from epgrpo.trainer.samplers.flow_sde import ode_step, sde_step, sigma_grid, x0_preview
+
+
+KL_FORMS = ("exact", "flow_grpo")
 
 
 class FlowSampler(Sampler):
@@ -44,5 +47,25 @@ class FlowSampler(Sampler):
     def x0(self, x, model_out, i) -> torch.Tensor:
         return x0_preview(x, model_out, self.sigmas[i])
 
+    def kl(self, mean, mean_ref, std, i=None) -> torch.Tensor:
+        """``exact``: (mean - mean_ref)^2 / (2 (std_t sqrt|dt|)^2), the KL of the step's Gaussians.
+        ``flow_grpo``: Flow-GRPO's train_sd3.py form, divided by 2 std_t^2 without dt, i.e. the exact
+        KL times |dt| (with the same beta, 1/|dt| times weaker than ``exact``)."""
+        exact = gaussian_kl(mean, mean_ref, std)
+        if self.kl_form == "exact":
+            return exact
+        if i is None:
+            raise ValueError("kl: train.kl_form=flow_grpo needs the step index")
+        return exact * (self.sigmas[i] - self.sigmas[i + 1]).float()
+
+    def with_kl_form(self, form: str) -> "FlowSampler":
+        if form not in KL_FORMS:
+            raise ValueError(f"train.kl_form: expected one of {', '.join(KL_FORMS)}, got {form!r}")
+        moved = self.to(self.sigmas.device)
+        moved.kl_form = form
+        return moved
+
     def to(self, device) -> "FlowSampler":
-        return FlowSampler(self.sigmas.to(device), self.noise_level, self.sigma_guard)
+        moved = FlowSampler(self.sigmas.to(device), self.noise_level, self.sigma_guard)
+        moved.kl_form = self.kl_form
+        return moved
