@@ -144,6 +144,36 @@ def validate_policy_options(c: Config, need) -> None:
         need(c.pruner.on_unavailable != "no_prune" or c.sampling.batch_size == 0, "sampling.batch_size",
              "0 with train.fsdp=true and pruner.on_unavailable=no_prune", c.sampling.batch_size)
     need(c.eval.max_prompts >= 1, "eval.max_prompts", ">= 1", c.eval.max_prompts)
+    validate_ignored_options(c, need)
+
+
+def validate_ignored_options(c: Config, need) -> None:
+    """Options that would be accepted and then have no effect: refused, saying why."""
+    s = c.sampling
+    need(not (s.sde_window_range and not s.sde_window_size), "sampling.sde_window_range",
+         "[] without sampling.sde_window_size (it places the SDE window; without one every step but the last is "
+         "stochastic)", s.sde_window_range)
+    need(not (s.sde_window_size and s.sde_last_step), "sampling.sde_last_step",
+         "false with sampling.sde_window_size (the window alone decides which steps are stochastic)", s.sde_last_step)
+    need(not (c.model.preview_vae and not c.launch_services), "model.preview_vae",
+         "empty with launch_services=false (it tells the pruner the trainer launches which VAE to decode with; "
+         "start your own pruner with --vae instead)", c.model.preview_vae)
+    need(c.model.dtype != "fp16", "model.dtype", "auto, fp32 or bf16: fp16 trains without loss scaling here, so small "
+         "gradients underflow to zero; use bf16 (same memory, fp32's range)", c.model.dtype)
+
+
+def check_sampler_options(c: Config, sampler) -> None:
+    """sampling.shift / noise_level (flow) and eta (DDIM) set away from their defaults for a sampler that
+    does not read them: refused, naming the option (``sampler.reads``: the SamplerOptions it uses)."""
+    from epgrpo.trainer.config import SamplingConfig
+
+    default = SamplingConfig()
+    for name in ("shift", "noise_level", "eta"):
+        value = getattr(c.sampling, name)
+        if name not in sampler.reads and value != getattr(default, name):
+            raise ValueError(f"sampling.{name}: model.name={c.model.name} samples with {type(sampler).__name__}, "
+                             f"which does not use it (it reads sampling.{', sampling.'.join(sampler.reads)}); got "
+                             f"{value}, leave it at {getattr(default, name)}")
 
 
 def check_paths(c: Config) -> None:

@@ -19,6 +19,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from epgrpo.trainer import config as cfg
+from epgrpo.trainer.config_checks import check_sampler_options
 from epgrpo.trainer.clients import PrunerClient, ServiceCallError, ServicesUnavailable
 from epgrpo.trainer.distributed import Distributed
 from epgrpo.trainer.ema import EMA
@@ -58,6 +59,7 @@ class Trainer(TrainerState, IterationRetries):
         self.keep = cfg.final_keep(config)
         self.sampler = policy.make_sampler(config.sampling.num_steps,
                                            cfg.sampler_options(config)).with_kl_form(config.train.kl_form)
+        check_sampler_options(config, self.sampler)  # an option this model's sampler would ignore stops here
         self.out = Path(config.out_dir)
         self.eval_sampler = policy.make_sampler(config.eval.num_steps or config.sampling.num_steps,
                                                 cfg.sampler_options(config))

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from epgrpo.trainer.clients import ServiceCallError
-from epgrpo.trainer.rollout import GroupState
+from epgrpo.trainer.rollout import GroupState, check_survivors
 
 log = logging.getLogger("epgrpo.trainer.pruning")
 
@@ -70,6 +70,7 @@ def select_after_sampling(pruner, batch, rewards, iteration: int, keep: int, fal
             fell_back += unpruned
         else:
             kept = pruner.select_by_scores(f"it{iteration}-g{g}", ids, scores, keep)
+        check_survivors(f"it{iteration}-g{g}", kept, ids, min(keep, len(ids)), "after sampling (full_ovf)")
         kept = set(kept)
         rows += [m for m, t in zip(members.tolist(), ids) if t in kept]
     return torch.tensor(sorted(rows), device=batch.group_index.device), fell_back

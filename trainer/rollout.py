@@ -119,6 +119,28 @@ def rollout(policy: PolicyAdapter, prompts: Sequence[str], group_size: int, samp
         return done.value
 
 
+def check_survivors(group_id: str, survivors, live: list[int], keep: int, where: str) -> None:
+    """A pruner's answer for one group, before any row is picked by it: distinct ids of the group's live
+    trajectories, ``keep`` of them (or all of them: the group went on unpruned, pruner.on_unavailable)."""
+    if survivors is None:
+        raise ValueError(f"pruner answer {where}: no decision for group {group_id}")
+    chosen, allowed = list(survivors), set(live)
+    strangers = sorted(set(chosen) - allowed)
+    if strangers:
+        raise ValueError(f"pruner answer {where}: survivors {strangers[:8]} of group {group_id} are not among its "
+                         f"live trajectories {sorted(allowed)[:16]}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"pruner answer {where}: group {group_id} names a survivor twice: {chosen}")
+    if len(chosen) not in (keep, len(allowed)):
+        raise ValueError(f"pruner answer {where}: group {group_id} keeps {len(chosen)} of {len(allowed)} trajectories, "
+                         f"the schedule says {keep}")
+
+
+def check_decisions(decisions: dict, groups: Sequence[GroupState], keep: int, step: int) -> None:
+    for g in groups:
+        check_survivors(g.group_id, decisions.get(g.group_id), list(g.trajectory_ids), keep, f"at step {step}")
+
+
 def rollout_steps(
     policy: PolicyAdapter,
     prompts: Sequence[str],
@@ -183,6 +205,7 @@ def rollout_steps(
             groups = [GroupState(group_ids[g], (live[group_of[live] == g] + first_trajectory).tolist(),
                                  preview[group_of[live] == g], prompts[g]) for g in range(len(prompts))]
             decisions = yield DecisionRequest(i, sampler.noise_std(i), groups)
+            check_decisions(decisions, groups, checkpoints[i], i)
             keep = torch.tensor(sorted(t - first_trajectory for g in groups for t in decisions[g.group_id]),
                                 device=device, dtype=live.dtype)
             rows = torch.searchsorted(live, keep)

@@ -89,6 +89,8 @@ class Sampler(ABC):
     def x0(self, x: torch.Tensor, model_out: torch.Tensor, i: int) -> torch.Tensor:
         """The clean-sample estimate at x_i, free given the model output already computed."""
 
+    #: the sampling options (SamplerOptions fields) this sampler uses; the others are refused when set
+    reads: tuple[str, ...] = ()
     #: train.kl_form: "exact" (the KL of the step's Gaussians) or "flow_grpo" (flow samplers only)
     kl_form: str = "exact"
 

@@ -31,6 +31,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class DDIMSampler(Sampler):
+    reads = ("eta",)
     stochastic_eval = True  # DDPO evaluates the eta = 1 policy it trains; eta = 0 is another sampler
 
     def __init__(self, alphas_cumprod: torch.Tensor, timesteps: list[int], num_train_timesteps: int,

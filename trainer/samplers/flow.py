@@ -18,6 +18,8 @@ class FlowSampler(Sampler):
     value, as Flow-GRPO does).
     """
 
+    reads = ("shift", "noise_level")
+
     def __init__(self, sigmas: torch.Tensor, noise_level: float = 0.7, sigma_guard: float | None = None):
         if sigmas.ndim != 1 or len(sigmas) < 2:
             raise ValueError(f"sigmas: expected a 1-D grid of at least 2 values, got shape {list(sigmas.shape)}")
