@@ -57,10 +57,16 @@ def test_optimizer_steps_split_the_micro_batches_and_the_ratio_acts_after_the_fi
     adv = group_advantages(torch.linspace(-1, 1, 10), batch.group_index)
     size = -(-10 // micro_batches)  # trajectories per micro-batch giving that many micro-batches
     assert len(range(0, 10, size)) == micro_batches
-    stats = policy_update(policy, torch.optim.SGD(policy.trainable_parameters(), lr=0.5), batch, adv, sampler,
-                          clip_range=1e-4, beta=0.0, inner_epochs=1, max_grad_norm=1.0, train_batch_size=size,
-                          optimizer_steps=optimizer_steps)
-    assert stats[0].optimizer_steps == min(optimizer_steps, micro_batches)
+    update = lambda: policy_update(policy, torch.optim.SGD(policy.trainable_parameters(), lr=0.5), batch, adv,  # noqa: E731
+                                   sampler, clip_range=1e-4, beta=0.0, inner_epochs=1, max_grad_norm=1.0,
+                                   train_batch_size=size, optimizer_steps=optimizer_steps)
+    if micro_batches < optimizer_steps:  # exactly N steps or none: fewer micro-batches than steps is refused
+        with pytest.raises(ValueError, match=f"train.optimizer_steps: {optimizer_steps} optimizer steps per inner "
+                                             f"epoch need at least {optimizer_steps} micro-batches"):
+            update()
+        return
+    stats = update()
+    assert stats[0].optimizer_steps == optimizer_steps
     # the first micro-batches see ratio 1; those after an optimizer step see the updated policy
     assert stats[0].ratio_mean != 1.0 and stats[0].approx_kl > 0
 

@@ -100,3 +100,37 @@ def test_more_optimizer_steps_than_micro_batches_is_refused():
     with pytest.raises(ValueError, match="train.optimizer_steps: 4 optimizer steps per inner epoch need at least 4 "
                                          "micro-batches, the iteration has 3"):
         equal_shares(3, 4)
+
+
+def test_micro_batches_are_shuffled_with_the_runs_seed_when_an_epoch_has_several_steps(tiny_policy_factory):
+    from epgrpo.trainer.optimize import policy_update
+    from epgrpo.trainer.rollout import micro_batch_order, rollout, sample_seeds
+
+    policy = tiny_policy_factory(lora_rank=4)
+    sampler = FlowSampler.uniform(4)
+    batch = rollout(policy, ["a handwritten digit 3", "a handwritten digit 8"], 4, sampler, seeds=sample_seeds(0, 1, 8))
+    order = micro_batch_order(8, seed=0, iteration=1)
+    assert sorted(order.tolist()) == list(range(8)) and order.tolist() != list(range(8))
+    assert torch.equal(order, micro_batch_order(8, seed=0, iteration=1))  # derived, so a resume takes the same
+    assert not torch.equal(order, micro_batch_order(8, seed=0, iteration=2))
+    seen = []
+    encode, predict = policy.encode_prompts, policy.predict
+
+    def encode_with_rows(prompts):
+        cond = encode(prompts)
+        cond["row"] = torch.arange(len(prompts))
+        return cond
+
+    def recording(x, sigma, cond):
+        seen.append(cond["row"].tolist())
+        return predict(x, sigma, cond)
+
+    policy.encode_prompts, policy.predict = encode_with_rows, recording
+    options = dict(clip_range=1e-4, beta=0.0, inner_epochs=1, max_grad_norm=1.0, train_batch_size=2, train_steps=[0])
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
+    policy_update(policy, optimizer, batch, torch.randn(8), sampler, optimizer_steps=2, order=order, **options)
+    # a no-grad pass for the old log-probs, then the two steps' micro-batches: the rows in the shuffled order
+    assert seen[:4] == seen[4:] == [order[k:k + 2].tolist() for k in range(0, 8, 2)]
+    seen.clear()
+    policy_update(policy, optimizer, batch, torch.randn(8), sampler, optimizer_steps=1, order=order, **options)
+    assert seen == [[0, 1], [2, 3], [4, 5], [6, 7]]  # one step per epoch: the order changes nothing, kept as sampled

@@ -31,7 +31,8 @@ from epgrpo.trainer.pruning import FallbackPruneSession, select_after_sampling
 from epgrpo.trainer.report import MetricsWriter, plot_curves, save_grid
 from epgrpo.trainer.retries import IterationRetries
 from epgrpo.trainer.reward_client import RewardClient
-from epgrpo.trainer.rollout import RolloutResult, rollout_steps, sample_eval, sample_seeds, sde_window, train_step_subset
+from epgrpo.trainer.rollout import (RolloutResult, micro_batch_order, rollout_steps, sample_eval, sample_seeds,
+                                   sde_window, train_step_subset)
 from epgrpo.trainer.trainer_state import TrainerState
 from epgrpo.trainer.wandb_log import WandbLogger
 from epgrpo.trainer.waves import concat_results, run_waves, split_waves
@@ -260,7 +261,8 @@ class Trainer(TrainerState, IterationRetries):
                                   optimizer_steps=c.train.optimizer_steps, train_steps=train_steps,
                                   sync_gradients=dist.all_reduce_mean_ if self.fsdp is None else None,  # FSDP: in backward
                                   after_step=self.ema.step if self.ema is not None else None,
-                                  micro_batches=micro_batches)
+                                  micro_batches=micro_batches,
+                                  order=micro_batch_order(len(rewards), c.train.seed, iteration, dist.rank))
             last = asdict(stats[-1])
             keys = [k for k, v in last.items() if isinstance(v, float)]
             record.update(zip(keys, dist.mean([last[k] for k in keys])))  # mean over ranks

@@ -67,6 +67,7 @@ def policy_update(
     sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None,
     after_step: Callable[[], None] | None = None,
     micro_batches: int = 0,
+    order: torch.Tensor | None = None,
 ) -> list[UpdateStats]:
     """Clipped GRPO + KL over every (trajectory, trained step).
 
@@ -79,7 +80,9 @@ def policy_update(
     (EMA). ``train_steps`` restricts training to a subset of the SDE steps (timestep fraction).
     ``micro_batches``: run at least this many micro-batches (FSDP: the most of any rank, since every
     rank must make the same forward/backward calls); the extra ones repeat the first micro-batch
-    with zero weight, so they add nothing to the gradient or the statistics.
+    with zero weight, so they add nothing to the gradient or the statistics. ``order``: a permutation
+    of the trajectories that the micro-batches take them in when an inner epoch has several optimizer
+    steps (with one, the order changes nothing and is not applied).
 
     The old log-probs are recomputed with the unchanged parameters in the same micro-batches as
     the new ones, so the first step's ratio is exactly 1 (the rollout's own log-probs can differ
@@ -100,6 +103,10 @@ def policy_update(
     else:
         per_step = len(chunks) if gradient_accumulation <= 0 else min(gradient_accumulation, len(chunks))
         step_groups = [list(range(s, min(s + per_step, len(chunks)))) for s in range(0, len(chunks), per_step)]
+    if order is not None and len(step_groups) > 1:  # shuffled micro-batches: each step sees a mix of groups
+        order = order.to(policy.device)
+        chunks = [order[rows] for rows in chunks[:real]]
+        chunks += chunks[:1] * max(0, micro_batches - real)
     advantages = advantages.to(policy.device)
     params = policy.trainable_parameters()
 

@@ -94,6 +94,14 @@ def train_step_subset(steps: Sequence[int], fraction: float, seed: int, iteratio
     return sorted(steps[k] for k in chosen)
 
 
+def micro_batch_order(count: int, seed: int, iteration: int, rank: int = 0) -> torch.Tensor:
+    """A random order of an iteration's ``count`` trajectories for its optimizer steps (Flow-GRPO and
+    DDPO shuffle their samples before splitting them into steps); derived from (seed, iteration, rank):
+    reproducible and nothing to checkpoint, so a resumed run trains on the same micro-batches."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, iteration, 3, rank]))
+    return torch.from_numpy(rng.permutation(count))
+
+
 @dataclass
 class DecisionRequest:
     """What a rollout needs answered before it goes on: survivors per group at ``step``."""
