@@ -326,3 +326,14 @@ def test_flux_dev_pickscore_config_validates():
     survivors = [48 if i <= 5 else 24 if i <= 7 else 12 for i in range(s.num_steps)]
     assert sum(survivors) == 48 * 6 + 24 * 2 + 12 * 2 == 360 and 48 * s.num_steps == 480
     assert config.reward.rewards == "pickscore:1.0" and config.eval.num_steps == 28 and config.train.ema
+
+
+def test_t5_tokens_default_to_the_stock_pipelines_512(tiny_flux_dir):
+    """model.max_sequence_length 0 (the default): FLUX conditions on FluxPipeline's default 512 T5 tokens."""
+    policy = create_policy("flux", path=str(tiny_flux_dir), device="cpu", resolution=SIDE, max_sequence_length=0)
+    assert policy.max_sequence_length == 512
+    pipe = load_pipeline(tiny_flux_dir)
+    stock, _, _ = pipe.encode_prompt(prompt=["a red cat"], prompt_2=None, device="cpu")
+    ours = policy.encode_prompts(["a red cat"])["prompt_embeds"]
+    assert ours.shape == stock.shape and stock.shape[1] == 512
+    torch.testing.assert_close(ours, stock)

@@ -172,3 +172,47 @@ def test_unknown_model_and_missing_path_are_config_errors(tmp_path):
         create_policy("sd3", path="")
     with pytest.raises(ValueError, match="model.name: cannot import adapter module"):
         create_policy("no_such_package.adapters:flux")
+
+
+def test_the_adapters_grid_is_the_stock_pipelines_with_default_arguments(tiny_sd3_dir):
+    """model.name=sd3 samples on the pipeline's own scheduler grid (set_timesteps(n), shift from its config),
+    as the stock pipeline called without sigmas does and Flow-GRPO trains; sampling.shift overrides it."""
+    from epgrpo.trainer.config import load_config, sampler_options
+
+    policy = make_policy(tiny_sd3_dir)
+    sampler = policy.make_sampler(STEPS, sampler_options(load_config(None, ["model.name=sd3"])))
+    assert policy.pipe.scheduler.config.shift == SHIFT
+    pipe = load_pipeline(tiny_sd3_dir)
+    noise = torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(s)) for s in SEEDS])
+    side = policy.latent_shape[-1] * pipe.vae_scale_factor
+    stock = pipe(PROMPTS, num_inference_steps=STEPS, latents=noise, guidance_scale=GUIDANCE, height=side, width=side,
+                 max_sequence_length=TOKENS, output_type="latent").images
+    torch.testing.assert_close(sampler.sigmas, pipe.scheduler.sigmas, rtol=0, atol=1e-7)
+    assert float(sampler.sigmas[-2]) < 0.05  # ends near sigma_min, not on the uniform grid's 1/STEPS
+    torch.testing.assert_close(sample_ode(policy, PROMPTS, SEEDS, sampler), stock, rtol=0, atol=1e-5)
+    unshifted = policy.make_sampler(STEPS, sampler_options(load_config(None, ["model.name=sd3", "sampling.shift=1.0"])))
+    pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, "shift": 1.0})
+    pipe.scheduler.set_timesteps(STEPS)
+    torch.testing.assert_close(unshifted.sigmas, pipe.scheduler.sigmas, rtol=0, atol=1e-7)
+    assert (unshifted.sigmas[1:-1] < sampler.sigmas[1:-1]).all()
+
+
+def test_t5_tokens_default_to_the_stock_pipelines_and_travel_with_the_export(tiny_sd3_dir, tmp_path):
+    """Without model.max_sequence_length the adapter conditions on the stock pipeline's 256 T5 tokens, so an
+    exported LoRA meets the conditioning it was trained with; a set count is written next to the weights."""
+    import json
+
+    from epgrpo.trainer.config import ModelConfig
+
+    assert ModelConfig().max_sequence_length == 0  # the config's default: the pipeline's own
+    policy = create_policy("sd3", path=str(tiny_sd3_dir), device="cpu", guidance_scale=1.0, lora_rank=2)
+    pipe = load_pipeline(tiny_sd3_dir)
+    stock, *_ = pipe.encode_prompt(prompt=PROMPTS, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False)
+    ours = policy.encode_prompts(PROMPTS)["prompt_embeds"]
+    assert ours.shape == stock.shape and stock.shape[1] == pipe.tokenizer_max_length + 256  # CLIP + T5 tokens
+    torch.testing.assert_close(ours, stock)
+    (target,) = policy.export(tmp_path)
+    assert json.loads((target / "sampling.json").read_text()) == {"max_sequence_length": 256}
+    trained_on_8 = make_policy(tiny_sd3_dir, lora_rank=2)
+    (target,) = trained_on_8.export(tmp_path / "eight")
+    assert json.loads((target / "sampling.json").read_text()) == {"max_sequence_length": TOKENS}

@@ -55,7 +55,9 @@ class ModelConfig:
                      "weights stay fp32 and SDE log-probs are computed in fp32")
     resolution: int = opt(0, "sd3, sd, flux: image side in pixels; 0 = the model's default (1024 for SD3.5-M and "
                           "FLUX.1, 512 for SD 1.4; Flow-GRPO trains at 512)")
-    max_sequence_length: int = opt(128, "sd3, flux: T5 tokens per prompt")
+    max_sequence_length: int = opt(0, "sd3, flux: T5 tokens per prompt; 0 = the stock pipeline's (sd3 256, flux "
+                                   "512), so exported weights meet the conditioning they were trained with; the count "
+                                   "is also written next to the exported weights (sampling.json)")
     true_cfg_scale: float = opt(1.0, "flux: true classifier-free guidance with an empty negative prompt (> 1 runs both "
                                 "branches: 2 NFE per sample); sampling.guidance_scale is FLUX's distilled guidance "
                                 "embedding (guidance-distilled checkpoints such as FLUX.1-dev)")
@@ -70,7 +72,8 @@ class ModelConfig:
 @dataclass
 class SamplingConfig:
     num_steps: int = opt(10, "denoising steps per rollout")
-    shift: float = opt(1.0, "time shift of the sigma grid (SD3 uses 3.0)")
+    shift: float = opt(0.0, "time shift of the sigma grid; 0 = the model's own (sd3: its scheduler config's, 3.0 "
+                       "for SD3.5, on the pipeline's set_timesteps grid; the toys: 1.0, no shift); flux: unused")
     noise_level: float = opt(0.7, "flow models: SDE noise level a (Flow-GRPO default 0.7)")
     eta: float = opt(1.0, "diffusion models (sd, toy_digits_ddpm): DDIM eta of the stochastic rollout steps "
                      "(DDPO: 1.0); evaluation: see eval.sampler")

@@ -67,7 +67,7 @@ def validate(c: Config) -> None:
 
     check_types(c)
     need(c.sampling.num_steps >= 2, "sampling.num_steps", ">= 2", c.sampling.num_steps)
-    need(c.sampling.shift > 0, "sampling.shift", "> 0", c.sampling.shift)
+    need(c.sampling.shift >= 0, "sampling.shift", ">= 0 (0 = the model's own)", c.sampling.shift)
     need(c.sampling.waves >= 1, "sampling.waves", ">= 1", c.sampling.waves)
     validate_reward_services(c)
     need(0 < c.sampling.noise_level <= 2, "sampling.noise_level", "in (0, 2]", c.sampling.noise_level)
@@ -112,7 +112,8 @@ def validate(c: Config) -> None:
 def validate_policy_options(c: Config, need) -> None:
     """Model, SDE-window, optimisation and checkpoint options."""
     need(c.model.resolution >= 0, "model.resolution", ">= 0", c.model.resolution)
-    need(c.model.max_sequence_length >= 1, "model.max_sequence_length", ">= 1", c.model.max_sequence_length)
+    need(c.model.max_sequence_length >= 0, "model.max_sequence_length", ">= 0 (0 = the stock pipeline's)",
+         c.model.max_sequence_length)
     need(c.model.lora_alpha >= 0, "model.lora_alpha", ">= 0", c.model.lora_alpha)
     g = c.sampling.guidance_scale
     need(math.isfinite(g) and g >= 1.0, "sampling.guidance_scale", "a finite number >= 1 (1 = no guidance)", g)

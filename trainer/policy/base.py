@@ -55,7 +55,7 @@ class PolicyAdapter(ABC):
 
     def make_sampler(self, num_steps: int, options: SamplerOptions) -> Sampler:
         """The sampler of this model family (default: the Flow-GRPO SDE on the shifted uniform grid)."""
-        return FlowSampler.uniform(num_steps, options.shift, options.noise_level).to(self.device)
+        return FlowSampler.uniform(num_steps, options.shift or 1.0, options.noise_level).to(self.device)
 
     def preview_decoder_source(self, scratch_dir: Path) -> str | None:
         """The directory of the VAE the pruner needs to decode this model's x0-previews (served as

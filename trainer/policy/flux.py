@@ -45,7 +45,7 @@ from epgrpo.trainer.policy.finetune import resolve_dtype
 from epgrpo.trainer.policy.latent import LatentPipelinePolicy, load_pipeline, pipeline_location
 from epgrpo.trainer.samplers import FlowSampler, Sampler, SamplerOptions
 
-MAX_T5_TOKENS = 512  # FluxPipeline refuses longer max_sequence_length
+MAX_T5_TOKENS = 512  # FluxPipeline's default max_sequence_length, and the most it takes
 NEGATIVE_PROMPT = ""  # true CFG's unconditional branch (FluxPipeline's negative_prompt="")
 
 
@@ -76,6 +76,7 @@ class FluxPolicy(LatentPipelinePolicy):
         local = pipeline_location(path, "flux", "black-forest-labs/FLUX.1-dev")
         if not (math.isfinite(true_cfg_scale) and true_cfg_scale >= 1.0):
             raise ValueError(f"model.true_cfg_scale: expected a finite number >= 1 (1 = off), got {true_cfg_scale!r}")
+        max_sequence_length = max_sequence_length or MAX_T5_TOKENS  # 0: the stock pipeline's
         if not 1 <= max_sequence_length <= MAX_T5_TOKENS:
             raise ValueError(f"model.max_sequence_length: expected 1..{MAX_T5_TOKENS} for flux, got {max_sequence_length}")
         device = torch.device(device)
@@ -182,7 +183,7 @@ class FluxPolicy(LatentPipelinePolicy):
         return scheduler.sigmas.float()
 
     def make_sampler(self, num_steps: int, options: SamplerOptions) -> Sampler:
-        if options.shift != 1.0:
+        if options.shift:
             warnings.warn(f"sampling.shift={options.shift} does not apply to flux: it samples on the pipeline's "
                           f"resolution-dependent shifted grid", stacklevel=2)
         return FlowSampler(self.sigmas(num_steps), options.noise_level).to(self.device)
@@ -191,7 +192,7 @@ class FluxPolicy(LatentPipelinePolicy):
 
 @register_policy("flux")
 def _flux_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 3.5,
-                  true_cfg_scale: float = 1.0, resolution: int = 0, max_sequence_length: int = 128,
+                  true_cfg_scale: float = 1.0, resolution: int = 0, max_sequence_length: int = MAX_T5_TOKENS,
                   lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets: str = "",
                   gradient_checkpointing: bool = False, preview_decoder: str = "", progress: bool = True):
     return FluxPolicy(path, device=device, dtype=dtype, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,

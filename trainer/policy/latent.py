@@ -8,6 +8,7 @@ for x0-previews (tested to agree).
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -109,6 +110,7 @@ class LatentPipelinePolicy(FineTunedPolicy):
         if self.lora_config is None:
             target = Path(out_dir) / self.trained_component
             self.transformer.save_pretrained(target)
+            self.write_sampling_settings(target)
             return [target]
         target = Path(out_dir) / "lora"
         component = self.trained_component
@@ -118,4 +120,14 @@ class LatentPipelinePolicy(FineTunedPolicy):
             # without the metadata diffusers would assume alpha = rank and scale the LoRA differently
             f"{component}_lora_adapter_metadata": self.lora_config.to_dict(),
         })
+        self.write_sampling_settings(target)
         return [target]
+
+    def write_sampling_settings(self, target: Path) -> None:
+        """``sampling.json`` next to the exported weights: the pipeline arguments they were trained
+        under, for ``pipe(prompt, **json.load(open("sampling.json")))`` (the T5 token count changes the
+        conditioning: a LoRA trained on 128 tokens sampled with the stock 256 sees other embeddings)."""
+        settings = {"max_sequence_length": getattr(self, "max_sequence_length", None)}
+        settings = {k: v for k, v in settings.items() if v}
+        if settings:
+            (Path(target) / "sampling.json").write_text(json.dumps(settings, indent=1) + "\n")

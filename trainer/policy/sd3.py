@@ -21,6 +21,10 @@ import torch
 from epgrpo.trainer.policy.base import Conditioning, register_policy
 from epgrpo.trainer.policy.finetune import resolve_dtype
 from epgrpo.trainer.policy.latent import LatentPipelinePolicy, load_pipeline, pipeline_location
+from epgrpo.trainer.samplers import FlowSampler, Sampler, SamplerOptions
+
+
+STOCK_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
 
 def _has_t5(path: str) -> bool:
@@ -35,7 +39,7 @@ def _has_t5(path: str) -> bool:
 class SD3Policy(LatentPipelinePolicy):
 
     def __init__(self, path: str, *, device: str = "cpu", dtype: str = "auto", guidance_scale: float = 4.5,
-                 resolution: int = 0, max_sequence_length: int = 128, text_encoder_3: bool = True,
+                 resolution: int = 0, max_sequence_length: int = STOCK_T5_TOKENS, text_encoder_3: bool = True,
                  lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets=None, gradient_checkpointing: bool = False,
                  preview_decoder: str = ""):
         from diffusers import StableDiffusion3Pipeline
@@ -50,7 +54,7 @@ class SD3Policy(LatentPipelinePolicy):
                             gradient_checkpointing=gradient_checkpointing)
         self.guidance_scale = float(guidance_scale)
         self.nfe_per_sample = 2 if self.cfg else 1
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = max_sequence_length or STOCK_T5_TOKENS
         if preview_decoder:
             self.preview_decoder = preview_decoder
         resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
@@ -75,6 +79,22 @@ class SD3Policy(LatentPipelinePolicy):
             cond.update(negative_prompt_embeds=neg_embeds[rows], negative_pooled_projections=neg_pooled[rows])
         return cond
 
+    def sigmas(self, num_steps: int, shift: float = 0.0) -> torch.Tensor:
+        """The grid StableDiffusion3Pipeline samples on with its default arguments (num_steps + 1 values
+        from 1 to 0: its scheduler's ``set_timesteps(num_steps)``, the shift from the scheduler config),
+        computed on a copy so the pipeline's own scheduler state is untouched; ``shift`` > 0 replaces
+        the config's shift (sampling.shift)."""
+        config = dict(self.pipe.scheduler.config)
+        if shift:
+            config["shift"] = shift
+        scheduler = type(self.pipe.scheduler).from_config(config)
+        scheduler.set_timesteps(num_steps)
+        return scheduler.sigmas.float()
+
+    def make_sampler(self, num_steps: int, options: SamplerOptions) -> Sampler:
+        """Flow-GRPO's SDE on the pipeline's own grid (Flow-GRPO trains on it too)."""
+        return FlowSampler(self.sigmas(num_steps, options.shift), options.noise_level).to(self.device)
+
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         timestep = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(x.shape[0]) * 1000.0
         embeds, pooled = cond["prompt_embeds"], cond["pooled_projections"]
@@ -92,7 +112,7 @@ class SD3Policy(LatentPipelinePolicy):
 
 @register_policy("sd3")
 def _sd3_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 4.5,
-                 resolution: int = 0, max_sequence_length: int = 128, text_encoder_3: bool = True,
+                 resolution: int = 0, max_sequence_length: int = STOCK_T5_TOKENS, text_encoder_3: bool = True,
                  lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets: str = "",
                  gradient_checkpointing: bool = False, preview_decoder: str = ""):
     return SD3Policy(path, device=device, dtype=dtype, guidance_scale=guidance_scale, resolution=resolution,

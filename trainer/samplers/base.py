@@ -15,7 +15,7 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 class SamplerOptions:
     """What the training config says about sampling; each sampler reads the fields it knows."""
 
-    shift: float = 1.0  # flow: time shift of the sigma grid
+    shift: float = 0.0  # flow: time shift of the sigma grid; 0 = the model's own (toys: 1.0)
     noise_level: float = 0.7  # flow: SDE noise level a
     eta: float = 1.0  # ddim: eta (1 = DDPO's stochastic DDIM, 0 = deterministic DDIM)
 
