@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -236,7 +237,11 @@ class PrunerStream:
                  max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES):
         self._requests: queue.Queue = queue.Queue()
         self._requests.put(pruner_pb2.PruneStreamRequest(open=open_message))
-        self._responses = stub.PruneRollout(self._outgoing(), timeout=deadline_s)
+        # deadline_s bounds each decision (decide), not the stream: a stream lives through its rollout's
+        # denoising, which with waves includes the other waves' (an idle stream costs the server nothing)
+        self.deadline_s = deadline_s
+        self._expired = threading.Event()
+        self._responses = stub.PruneRollout(self._outgoing())
         self.rollout_id = open_message.rollout_id
         self.max_request_bytes = max_request_bytes
         self.messages_sent = 0  # checkpoint messages (parts) so far, for logs and tests
@@ -269,15 +274,25 @@ class PrunerStream:
                 self._requests.put(part)
                 self.messages_sent += 1
         decisions = {}
+        timer = threading.Timer(self.deadline_s, self._expire)  # this decision's deadline
+        timer.daemon = True
+        timer.start()
         try:
             for _ in groups:
                 d = next(self._responses)
                 decisions[d.group_id] = list(d.survivor_ids)
         except grpc.RpcError as e:
-            raise ServiceCallError("pruner", "PruneRollout", e) from e
+            raise ServiceCallError("pruner", "PruneRollout",
+                                   _DecisionDeadline(self.deadline_s) if self._expired.is_set() else e) from e
         except StopIteration:
             raise ServiceCallError("pruner", "PruneRollout", _Ended()) from None
+        finally:
+            timer.cancel()
         return decisions
+
+    def _expire(self) -> None:
+        self._expired.set()
+        self._responses.cancel()
 
     def close(self) -> None:
         self._requests.put(None)
@@ -292,6 +307,19 @@ class PrunerStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _DecisionDeadline(grpc.RpcError):
+    """A pruning decision not answered within pruner.deadline_s (the stream is cancelled)."""
+
+    def __init__(self, deadline_s: float):
+        self.deadline_s = deadline_s
+
+    def code(self):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self):
+        return f"no decision within pruner.deadline_s={self.deadline_s:g} s of sending the checkpoint"
 
 
 class _Ended(grpc.RpcError):

@@ -181,7 +181,8 @@ class RewardConfig(ChannelOptions):
 class PrunerConfig(ChannelOptions):
     token_env: typing.ClassVar[str] = "EPGRPO_PRUNER_TOKEN"
     address: str = opt("127.0.0.1:50052", "pruner service host:port (same forms as reward.address)")
-    deadline_s: float = opt(600.0, "deadline of a rollout's pruning stream, seconds")
+    deadline_s: float = opt(600.0, "deadline of each pruning decision (a checkpoint's answer on the rollout's "
+                            "stream, which itself lives as long as the rollout) and of each Prune call, seconds")
     on_unavailable: OnUnavailable = opt("retry", "when the pruner is unreachable: retry (re-run the iteration within "
                               "retry_budget_s, then checkpoint and stop) | no_prune (the affected groups go on "
                               "unpruned, counted in metrics as pruner_fallback_groups, and logged)")
