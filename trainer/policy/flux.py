@@ -192,7 +192,7 @@ class FluxPolicy(LatentPipelinePolicy):
 
 @register_policy("flux")
 def _flux_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 3.5,
-                  true_cfg_scale: float = 1.0, resolution: int = 0, max_sequence_length: int = MAX_T5_TOKENS,
+                  true_cfg_scale: float = 1.0, resolution: int = 0, max_sequence_length: int = 0,
                   lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets: str = "",
                   gradient_checkpointing: bool = False, preview_decoder: str = "", progress: bool = True):
     return FluxPolicy(path, device=device, dtype=dtype, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,

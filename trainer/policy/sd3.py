@@ -39,7 +39,7 @@ def _has_t5(path: str) -> bool:
 class SD3Policy(LatentPipelinePolicy):
 
     def __init__(self, path: str, *, device: str = "cpu", dtype: str = "auto", guidance_scale: float = 4.5,
-                 resolution: int = 0, max_sequence_length: int = STOCK_T5_TOKENS, text_encoder_3: bool = True,
+                 resolution: int = 0, max_sequence_length: int = 0, text_encoder_3: bool = True,
                  lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets=None, gradient_checkpointing: bool = False,
                  preview_decoder: str = ""):
         from diffusers import StableDiffusion3Pipeline
@@ -112,7 +112,7 @@ class SD3Policy(LatentPipelinePolicy):
 
 @register_policy("sd3")
 def _sd3_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 4.5,
-                 resolution: int = 0, max_sequence_length: int = STOCK_T5_TOKENS, text_encoder_3: bool = True,
+                 resolution: int = 0, max_sequence_length: int = 0, text_encoder_3: bool = True,
                  lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets: str = "",
                  gradient_checkpointing: bool = False, preview_decoder: str = ""):
     return SD3Policy(path, device=device, dtype=dtype, guidance_scale=guidance_scale, resolution=resolution,
