@@ -148,8 +148,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
     parser.add_argument("--model", choices=sorted(MODELS), default="toy_digits",
                         help="toy model to train: toy_digits (flow, default) or toy_digits_ddpm (diffusion, DDIM)")
-    parser.add_argument("--configs", default="", help="comma-separated configuration names to run (default: all "
-                        "of the model's; the baseline 'grpo G=8' is always run)")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="run only this configuration (repeatable; default: all of the model's; the baseline "
+                        "'grpo G=8' always runs)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     parser.add_argument("--iterations", type=int, default=30, help="GRPO iterations per run (default 30)")
     parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N iterations (default 5)")
@@ -160,12 +161,12 @@ def main(argv=None) -> int:
     model = MODELS[args.model]
     baseline = "grpo G=8"
     configs = model.configs
-    if args.configs:
-        chosen = {baseline, *(c.strip() for c in args.configs.split(",") if c.strip())}
+    if args.only:
+        chosen = {baseline, *args.only}
         unknown = sorted(chosen - set(configs))
         if unknown:
-            parser.error(f"--configs: unknown configuration(s) {', '.join(unknown)} for --model {args.model}; "
-                         f"known: {', '.join(configs)}")
+            parser.error(f"--only: unknown configuration(s) {', '.join(map(repr, unknown))} for --model {args.model}; "
+                         f"known: {', '.join(map(repr, configs))}")
         configs = {name: o for name, o in configs.items() if name in chosen}
     recipe = model.recipe_class()
     if args.quick:
