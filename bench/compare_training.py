@@ -1,12 +1,19 @@
-"""Training comparison on the toy task: plain GRPO vs full group + OVF vs Expand-and-Prune (pruning
-at steps {3, 5} and, later, {5, 7}: deciding on the previews of x_3, x_5 / x_5, x_7) vs Flash.
+"""Training comparison on a toy task: plain GRPO vs full group + OVF vs Expand-and-Prune vs Flash.
+
+The flow toy (``--model toy_digits``, default) compares pruning at steps {3, 5} and, later, {5, 7}
+(deciding on the previews of x_3, x_5 / x_5, x_7); the diffusion toy (``--model toy_digits_ddpm``,
+stochastic DDIM) compares its default late schedule {7, 8} with {5, 7} and random pruning.
 
 Every configuration trains the same cached base model with the same prompts, for several seeds,
-against one reward + pruner service pair (local processes). Evaluation reward (ODE, fixed seeds)
-is reported against training wall time (sum of iteration times, evaluation excluded) and against
-cumulative transformer calls. Runs are interleaved (seed-major) so machine noise spreads evenly.
+against one reward + pruner service pair (local processes). Evaluation reward (fixed seeds; the
+ODE for the flow toy, the seeded eta = 1 sampler for the diffusion toy) is reported against
+training wall time (sum of iteration times, evaluation excluded) and against cumulative
+transformer calls. Runs are interleaved (seed-major) so machine noise spreads evenly. Every run
+starts from the model's own defaults (``epgrpo config model.name=...``), then the configuration's
+overrides, then the extra ``key=value`` overrides.
 
     python bench/compare_training.py --out runs/compare          # 3 seeds x 5 configs, ~15 min
+    python bench/compare_training.py --model toy_digits_ddpm --out runs/compare-ddpm
     python bench/compare_training.py --quick --out /tmp/cmp      # seconds; used by the tests
 """
 
@@ -27,24 +34,50 @@ from epgrpo.trainer.config import load_config
 from epgrpo.trainer.launch import LocalStack
 from epgrpo.trainer.loop import Trainer
 from epgrpo.trainer.policy.toy import ToyDigitPolicy, ToyRecipe
+from epgrpo.trainer.policy.toy_ddpm import ToyDdpmPolicy, ToyDdpmRecipe
 
-CONFIGS = {
+FLOW_CONFIGS = {
     "grpo G=8": ["prune.mode=grpo", "prune.group_size=8"],
     "full16+ovf→4": ["prune.mode=full_ovf", "prune.group_size=16", "prune.keeps=[4]"],
     "E&P 16→8→4": ["prune.mode=expand_prune", "prune.group_size=16", "prune.steps=[3,5]", "prune.keeps=[8,4]"],
     "E&P 16→8→4 late": ["prune.mode=expand_prune", "prune.group_size=16", "prune.steps=[5,7]", "prune.keeps=[8,4]"],
     "Flash 8→6→4": ["prune.mode=expand_prune", "prune.group_size=8", "prune.steps=[3,5]", "prune.keeps=[6,4]"],
 }
+# stochastic DDIM (eta = 1): the previews rank trajectories well only late (docs/benchmarks.md)
+DDPM_CONFIGS = {
+    "grpo G=8": ["prune.mode=grpo", "prune.group_size=8"],
+    "full16+ovf→4": ["prune.mode=full_ovf", "prune.group_size=16", "prune.keeps=[4]"],
+    "E&P 16→8→4 {5,7}": ["prune.mode=expand_prune", "prune.group_size=16", "prune.steps=[5,7]", "prune.keeps=[8,4]"],
+    "E&P 16→8→4 {7,8}": ["prune.mode=expand_prune", "prune.group_size=16", "prune.steps=[7,8]", "prune.keeps=[8,4]"],
+    "random 16→8→4 {7,8}": ["prune.mode=random_prune", "prune.group_size=16", "prune.steps=[7,8]",
+                            "prune.keeps=[8,4]"],
+}
+
+
+class ToyModel:
+    """A toy model family the comparison can train: its policy, base-model recipe and configurations."""
+
+    def __init__(self, name, policy_class, recipe_class, configs):
+        self.name, self.policy_class, self.recipe_class, self.configs = name, policy_class, recipe_class, configs
+
+
+MODELS = {m.name: m for m in (ToyModel("toy_digits", ToyDigitPolicy, ToyRecipe, FLOW_CONFIGS),
+                              ToyModel("toy_digits_ddpm", ToyDdpmPolicy, ToyDdpmRecipe, DDPM_CONFIGS))}
+
+
+def run_dir(name: str) -> str:
+    return "".join(c for c in name.replace(" ", "_").replace("→", "-").replace("+", "_") if c.isalnum() or c in "_-.")
 
 
 def run_one(name, overrides, seed, args, reward_address, pruner_address, recipe):
-    out = args.out / name.replace(" ", "_").replace("→", "-").replace("+", "_").replace("=", "") / f"seed{seed}"
+    model = MODELS[args.model]
+    out = args.out / run_dir(name) / f"seed{seed}"
     config = load_config(None, [
-        *overrides, f"train.seed={seed}", f"train.iterations={args.iterations}", f"eval.every={args.eval_every}",
+        f"model.name={model.name}", *overrides, f"train.seed={seed}", f"train.iterations={args.iterations}", f"eval.every={args.eval_every}",
         f"eval.samples_per_prompt={args.eval_samples}", f"out_dir={out}", "launch_services=false", "progress=false",
         *args.extra,
     ])
-    policy = ToyDigitPolicy(recipe=recipe, progress=False)
+    policy = model.policy_class(recipe=recipe, progress=False)
     reward, pruner = RewardClient(reward_address), PrunerClient(pruner_address)
     try:
         Trainer(config, policy, reward, pruner).run()
@@ -113,30 +146,45 @@ def table(summary: dict, baseline: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
+    parser.add_argument("--model", choices=sorted(MODELS), default="toy_digits",
+                        help="toy model to train: toy_digits (flow, default) or toy_digits_ddpm (diffusion, DDIM)")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="run only this configuration (repeatable; default: all of the model's; the baseline "
+                        "'grpo G=8' always runs)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     parser.add_argument("--iterations", type=int, default=30, help="GRPO iterations per run (default 30)")
     parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N iterations (default 5)")
-    parser.add_argument("--eval-samples", type=int, default=8, help="ODE samples per digit at evaluation (default 8)")
+    parser.add_argument("--eval-samples", type=int, default=8, help="samples per digit at evaluation (default 8)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 iterations, tiny model: checks it runs")
     parser.add_argument("extra", nargs="*", metavar="key=value", help="extra trainer overrides for every run")
     args = parser.parse_args(argv)
-    recipe = ToyRecipe()
+    model = MODELS[args.model]
+    baseline = "grpo G=8"
+    configs = model.configs
+    if args.only:
+        chosen = {baseline, *args.only}
+        unknown = sorted(chosen - set(configs))
+        if unknown:
+            parser.error(f"--only: unknown configuration(s) {', '.join(map(repr, unknown))} for --model {args.model}; "
+                         f"known: {', '.join(map(repr, configs))}")
+        configs = {name: o for name, o in configs.items() if name in chosen}
+    recipe = model.recipe_class()
     if args.quick:
         args.seeds, args.iterations, args.eval_every, args.eval_samples = 1, 2, 1, 1
-        recipe = ToyRecipe(pretrain_steps=3, batch_size=16)
+        recipe = model.recipe_class(pretrain_steps=3, batch_size=16)
         args.extra = [*args.extra, "train.prompts_per_iteration=2"]
-    baseline = "grpo G=8"
-    curves: dict[str, list] = {name: [] for name in CONFIGS}
+    curves: dict[str, list] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp, LocalStack(["digit", "digit_judge"], Path(tmp)) as stack:
         for seed in range(args.seeds):
-            for name, overrides in CONFIGS.items():
+            for name, overrides in configs.items():
                 print(f"seed {seed}: {name} ...", file=sys.stderr, flush=True)
                 curves[name].append(run_one(name, overrides, seed, args, stack.reward.address, stack.pruner.address, recipe))
     summary = summarize(curves, baseline)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "comparison.json").write_text(json.dumps(summary, indent=2))
     plot(summary, args.out / "comparison.png")
-    print(f"training comparison: toy digits, {args.seeds} seeds x {args.iterations} iterations, overrides {args.extra}")
+    print(f"training comparison: {args.model}, {args.seeds} seeds x {args.iterations} iterations, "
+          f"overrides {args.extra}")
     print(table(summary, baseline))
     print(f"curves: {args.out / 'comparison.png'}")
     return 0

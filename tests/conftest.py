@@ -18,6 +18,23 @@ from epgrpo.services.common.server import RunningServer, ServerConfig, start_ser
 os.environ.setdefault("EPGRPO_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "test"))
 
 
+def _apply_test_torch_threads() -> None:
+    """EPGRPO_TEST_TORCH_THREADS=N runs the in-process torch work on N threads: another thread count
+    sums in another order, as another CPU's kernels do, so a test that only passes on this machine's
+    exact bits flips under it (the fragility sweep in docs; with OMP_NUM_THREADS=1 for subprocesses)."""
+    value = os.environ.get("EPGRPO_TEST_TORCH_THREADS", "")
+    if not value:
+        return
+    if not value.isdigit() or int(value) < 1:
+        raise pytest.UsageError(f"EPGRPO_TEST_TORCH_THREADS: expected a positive integer, got {value!r}")
+    import torch
+
+    torch.set_num_threads(int(value))
+
+
+_apply_test_torch_threads()
+
+
 class BackgroundServer:
     """Runs ``start_server(register, config)`` on an event loop in a daemon thread."""
 

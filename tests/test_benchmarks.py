@@ -37,6 +37,35 @@ def test_training_comparison_runs(tmp_path):
 
 
 @pytest.mark.slow
+def test_training_comparison_runs_on_the_diffusion_toy(tmp_path):
+    out = run("compare_training.py", "--quick", "--model", "toy_digits_ddpm", "--only", "E&P 16→8→4 {7,8}",
+              "--out", str(tmp_path))
+    assert "training comparison: toy_digits_ddpm" in out and "| E&P 16→8→4 {7,8} |" in out
+    summary = json.loads((tmp_path / "comparison.json").read_text())
+    assert set(summary) == {"grpo G=8", "E&P 16→8→4 {7,8}"}  # the baseline always runs
+    # 2 prompts x 2 iterations: G=8 costs 8 x 10 calls per prompt; 16→8→4 at {7, 8}: 8 x 8 + 4 x 9 + 4 x 10
+    assert summary["grpo G=8"]["nfe"] == 2 * 2 * 80 and summary["E&P 16→8→4 {7,8}"]["nfe"] == 2 * 2 * 140
+
+
+def test_training_comparison_names_an_unknown_configuration(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_training.py"), "--model", "toy_digits_ddpm",
+                           "--only", "E&P 16→8→4 late", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--only: unknown configuration(s) 'E&P 16→8→4 late'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_seed_sweep_runs_and_reads_finished_seeds_back(tmp_path):
+    out = run("seed_sweep.py", "--quick", "--model", "toy_digits_ddpm", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["seed"] for r in rows] == [0] and len(rows[0]["train_reward"]) == 2
+    assert rows[0]["gain"] == rows[0]["reward_last"] - rows[0]["reward_first"]
+    assert "| 0 |" in out and "| all |" in out and (tmp_path / "sweep.png").stat().st_size > 1000
+    again = run("seed_sweep.py", "--quick", "--model", "toy_digits_ddpm", "--reuse", "--out", str(tmp_path))
+    table = out[out.index("seed sweep:"):]
+    assert again == table  # read back from the run's summary: nothing re-runs, so no training output
+
+
+@pytest.mark.slow
 def test_transport_benchmark_runs():
     out = run("bench_transport.py", "--quick")
     assert "| reward.Score jpeg 48x16x16x1 uint8 |" in out and "pruner.PruneRollout previews" in out

@@ -25,6 +25,10 @@ def test_the_diffusion_toy_learns_with_expand_and_prune(tmp_path):
     assert main(["train", "model.name=toy_digits_ddpm", "train.iterations=20", "eval.every=0", f"out_dir={out}",
                  "progress=false"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["nfe_used"] == 20 * 10 * (16 * 6 + 8 * 2 + 4 * 2) and summary["nfe_ratio"] == 0.75
-    assert summary["reward_last"] - summary["reward_first"] >= 0.1, summary
+    # the model's own default schedule prunes late, at {7, 8}: 16 trajectories take steps 0-7, 8 step 8, 4 step 9
+    assert summary["nfe_used"] == 20 * 10 * (16 * 8 + 8 * 1 + 4 * 1) and summary["nfe_ratio"] == 140 / 160
+    # 20-iteration gains over 5 seeds (pretraining seed = train.seed = s; bench/seed_sweep.py, Intel AVX-512,
+    # docs/models.md): +0.266, +0.197, +0.189, +0.207, +0.272; the threshold is under half the smallest
+    # so that another CPU's bits, seed or library version does not flip the test
+    assert summary["reward_last"] - summary["reward_first"] >= 0.09, summary
     assert summary["judge_last"] > summary["judge_first"], summary

@@ -23,6 +23,10 @@ def _options_help() -> str:
     for key, t, default, help_text in cfg.iter_fields():
         lines.append(f"  {key} ({cfg.type_name(t)}, default {default!r})")
         lines += textwrap.wrap(help_text, 90, initial_indent="      ", subsequent_indent="      ")
+    from epgrpo.trainer.model_defaults import described_models
+
+    lines.append("models with their own defaults (in place of the ones above; the YAML file and overrides still win):")
+    lines += [f"  {name}: {values}" for name, values in described_models()]
     return "\n".join(lines)
 
 

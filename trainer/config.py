@@ -323,8 +323,23 @@ def _apply(config, values: dict, prefix: str = "") -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides, then validated."""
-    config = Config()
+    """Defaults <- the model's own defaults (``model_defaults``) <- YAML file <- ``key=value``
+    overrides, then validated."""
+    from epgrpo.trainer.model_defaults import model_defaults
+
+    config = _layered(Config(), path, overrides)
+    family = model_defaults(config.model.name)
+    if family:  # the user's settings go on top of the model's defaults
+        base = Config()
+        _apply(base, family, "")
+        config = _layered(base, path, overrides)
+    from epgrpo.trainer.config_checks import validate  # it reads this module's types
+
+    validate(config)
+    return config
+
+
+def _layered(config: Config, path: str | Path | None, overrides: list[str]) -> Config:
     if path:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
@@ -343,9 +358,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if isinstance(node[parts[-1]], (dict, list)) or node[parts[-1]] is None:
             node[parts[-1]] = value
         _apply(config, nested)
-    from epgrpo.trainer.config_checks import validate  # it reads this module's types
-
-    validate(config)
     return config
 
 
