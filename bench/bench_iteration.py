@@ -243,7 +243,7 @@ def floor_seconds(policy, probe: Probe, repeats: int) -> dict[str, float]:
                 start = time.perf_counter()
                 call()
                 times.append(time.perf_counter() - start)
-            floor[phase] += statistics.median(times) * count
+            floor["train forward+backward" if phase == "train forward" else phase] += statistics.median(times) * count
         for p in transformer.parameters():
             p.grad = None
     finally:
@@ -380,11 +380,13 @@ def contention(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="small-sd3", help="pipeline (default %(default)s)")
-    parser.add_argument("--mode", choices=["grpo", "ep", "both"], default="both",
-                        help="plain GRPO with G, Expand-and-Prune 2G -> G, or both (default %(default)s)")
-    parser.add_argument("--services", default="inprocess,launched",
-                        help="where the reward and pruner services run: inprocess, launched or both (default %(default)s)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default=None,
+                        help="pipeline (default small-sd3; --quick: tiny-sd3)")
+    parser.add_argument("--mode", choices=["grpo", "ep", "both"], default=None,
+                        help="plain GRPO with G, Expand-and-Prune 2G -> G, or both (default both; --quick: grpo)")
+    parser.add_argument("--services", default=None,
+                        help="where the reward and pruner services run, comma-separated: inprocess, launched "
+                             "(default both; --quick: inprocess)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the config's)")
     parser.add_argument("--prompts", type=int, help="groups per iteration (default: the config's)")
     parser.add_argument("--group", type=int, help="G: trained trajectories per group (default: the config's)")
@@ -399,11 +401,17 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.config = args.config or ("tiny-sd3" if args.quick else "small-sd3")
     _, steps, prompts, group = CONFIGS[args.config]
     if args.quick:
         steps, prompts, group, args.iterations, args.repeats = (QUICK["steps"], QUICK["prompts"], QUICK["group"],
                                                                QUICK["iterations"], 1)
     args.steps, args.prompts, args.group = args.steps or steps, args.prompts or prompts, args.group or group
+    args.mode = args.mode or ("grpo" if args.quick else "both")
+    args.services = args.services or ("inprocess" if args.quick else "inprocess,launched")
+    unknown = set(args.services.split(",")) - {"inprocess", "launched"}
+    if unknown:
+        parser.error(f"--services: expected inprocess and/or launched, got {args.services!r}")
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
           flush=True)
