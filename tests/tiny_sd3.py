@@ -54,19 +54,22 @@ def tiny_vae(image_size: int, **config):
         latent_channels=4, norm_num_groups=4, **config)
 
 
-def build_tiny_sd3(directory: Path, seed: int = 0) -> Path:
-    """Saves a random tiny StableDiffusion3Pipeline to ``directory`` and returns it."""
+def build_tiny_sd3(directory: Path, seed: int = 0, image_size: int = IMAGE_SIZE, num_layers: int = 2,
+                   num_heads: int = 4, head_dim: int = 8) -> Path:
+    """Saves a random tiny StableDiffusion3Pipeline to ``directory`` and returns it. The size
+    options give larger transformers with the same text encoders and VAE (bench/bench_iteration.py:
+    a 64 px, 6-layer, width-384 pipeline whose transformer dominates)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tokenizer, text_config = tiny_clip_text(directory, projection_dim=32, hidden_act="gelu")
     transformer = SD3Transformer2DModel(
-        sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-        joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16,
+        sample_size=image_size // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers,
+        attention_head_dim=head_dim, num_attention_heads=num_heads, caption_projection_dim=num_heads * head_dim,
+        joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=max(16, image_size // 4),
     )
-    vae = tiny_vae(IMAGE_SIZE, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+    vae = tiny_vae(image_size, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
                    scaling_factor=1.5035)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,

@@ -15,6 +15,8 @@ import textwrap
 
 import yaml
 
+from epgrpo.protos.cpu_threads import apply_threads
+from epgrpo.protos.cpu_threads import describe as describe_threads
 from epgrpo.trainer import config as cfg
 
 
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"epgrpo: error: {e}", file=sys.stderr)
             return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # the trainer's intra-op threads: the cores this process may use, unless OMP_NUM_THREADS says otherwise
+    logging.getLogger("epgrpo.trainer").info(describe_threads(apply_threads()))
     try:
         if args.command == "analyze":
             if not 2 <= args.keep < args.group_size or args.groups < 1:

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epgrpo.protos.channel import ChannelSecurity
+from epgrpo.protos.cpu_threads import default_wait_policy, service_threads
 
 log = logging.getLogger("epgrpo.launch")
 
@@ -37,9 +38,11 @@ class LocalService:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "w")
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        default_wait_policy(child_env)  # idle OpenMP threads sleep: the service shares cores with the trainer
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, "--host", host, "--port", "0", "--port-file", str(port_file), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            stdout=self._log, stderr=subprocess.STDOUT, env=child_env,
         )
         deadline = time.monotonic() + startup_timeout_s
         while not port_file.exists():
@@ -104,17 +107,18 @@ class LocalStack:
         """``decoders``: preview decoders the pruner serves, name -> VAE directory (latent models);
         ``reward_routes``: rewards the pruner scores at another service, name -> address."""
         self.services: list[LocalService] = []
+        # the services share the trainer's cores: a smaller thread team each (EPGRPO_SERVICE_TORCH_THREADS
+        # overrides; with OMP_NUM_THREADS set they inherit it); see protos/cpu_threads.py
+        threads = service_threads()
+        thread_args = ["--torch-threads", str(threads)] if threads is not None else []
         pruner_args = [arg for name, address in (reward_routes or {}).items()
                        for arg in ("--reward-route", f"{name}={address}")]
         if decoders:
             pruner_args += [arg for name, path in decoders.items() for arg in ("--vae", f"{name}={path}")]
-            pruner_args += ["--device", decoder_device, "--torch-threads", "1"]
+            pruner_args += ["--device", decoder_device, *thread_args]
         try:
             self.reward = self._start("reward", "epgrpo.services.reward.main",
-                                      # one torch thread: the services share the machine with the trainer, and
-                                      # two spinning thread pools on two cores slow both down ~30x (measured)
-                                      ["--rewards", ",".join(rewards), "--device", device, "--torch-threads", "1"],
-                                      log_dir)
+                                      ["--rewards", ",".join(rewards), "--device", device, *thread_args], log_dir)
             self.pruner = self._start("pruner", "epgrpo.services.pruner.main",
                                       ["--reward-address", self.reward.address, *pruner_args], log_dir)
         except BaseException:

@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable, Iterable, Mapping
 
 import grpc
 
 from epgrpo.protos.channel import PRUNER_SERVICE, REWARD_SERVICE, ChannelSecurity, create_channel, read_token, target_for
+from epgrpo.protos.cpu_threads import apply_threads
+from epgrpo.protos.cpu_threads import describe as describe_threads
 from epgrpo.protos.v1 import pruner_pb2_grpc
 from epgrpo.services.common.options import env_option
 from epgrpo.services.common.server import (add_server_arguments, configure_logging, run, serve_until_signal,
@@ -19,6 +22,8 @@ from epgrpo.services.common.server import (add_server_arguments, configure_loggi
 from epgrpo.services.pruner.decode import parse_vae_spec, register_vae_decoder
 from epgrpo.services.pruner.proxy import DEFAULT_DEADLINE_S, ProxyScorer, RoutedScorer
 from epgrpo.services.pruner.servicer import PrunerServicer
+
+log = logging.getLogger("epgrpo.pruner")
 
 DEFAULT_PORT = 50052
 DEFAULT_REWARD_ADDRESS = "127.0.0.1:50051"
@@ -90,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     decoders.add_argument("--vae-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                           help="VAE dtype; auto = bf16 on cuda, fp32 on cpu")
     decoders.add_argument("--torch-threads", type=int, default=0,
-                          help="intra-op CPU threads for the VAE decoders (default 0: torch's choice); 1 avoids "
-                               "slowdowns when other processes share few cores")
+                          help="intra-op CPU threads for the VAE decoders (default 0: $OMP_NUM_THREADS when set, "
+                               "else the cores this process may use: its CPU affinity and container CPU quota); idle "
+                               "threads sleep (OMP_WAIT_POLICY=PASSIVE unless set)")
     client = parser.add_argument_group("connection to the reward service")
     env_option(client, "--reward-tls-ca", env="EPGRPO_REWARD_TLS_CA", default="",
                help="PEM CA of the reward server's certificate; turns TLS on ('system' = system roots)")
@@ -114,10 +120,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     config = server_config_from_args(args)  # security problems stop here, before any work
-    if args.torch_threads > 0:
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
+    if args.torch_threads < 0:
+        print(f"epgrpo-pruner: error: --torch-threads: expected >= 0, got {args.torch_threads}", file=sys.stderr)
+        return 2
+    if args.vae:  # torch is imported only to decode previews
+        log.info(describe_threads(apply_threads(args.torch_threads)))
     try:
         security = ChannelSecurity(args.reward_tls_ca, args.reward_tls_cert, args.reward_tls_key,
                                    args.reward_tls_server_name,

@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 
 import grpc
 
+from epgrpo.protos.cpu_threads import apply_threads
+from epgrpo.protos.cpu_threads import describe as describe_threads
 from epgrpo.protos.v1 import oip_pb2_grpc, reward_pb2_grpc
 from epgrpo.services.common.errors import ServiceError
 from epgrpo.services.common.options import env_option
@@ -105,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                help="threads scoring requests in parallel (default %(default)s); CPU rewards that release the GIL "
                     "(jpeg_*) use one core each; model rewards still run one call at a time")
     parser.add_argument("--torch-threads", type=int, default=0,
-                        help="intra-op CPU threads for torch models (default 0: torch's choice); 1 avoids "
-                        "slowdowns when other processes share few cores")
+                        help="intra-op CPU threads for torch models (default 0: $OMP_NUM_THREADS when set, else "
+                             "the cores this process may use: its CPU affinity and container CPU quota); idle "
+                             "threads sleep (OMP_WAIT_POLICY=PASSIVE unless set), so a busy neighbour costs little")
     parser.add_argument("--list-rewards", action="store_true", help="print the known reward backends with what they compute and need, and exit")
     return parser
 
@@ -151,10 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1:
         print(f"epgrpo-reward: error: --workers: expected >= 1, got {args.workers}", file=sys.stderr)
         return 2
-    if args.torch_threads > 0:
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
+    if args.torch_threads < 0:
+        print(f"epgrpo-reward: error: --torch-threads: expected >= 0, got {args.torch_threads}", file=sys.stderr)
+        return 2
+    log.info(describe_threads(apply_threads(args.torch_threads)))
     config = server_config_from_args(args)  # security problems (e.g. 0.0.0.0 without TLS/token) stop here
     try:
         entries, batching = resolve_rewards(args)
