@@ -32,6 +32,7 @@ from epgrpo.services.common.errors import bounded, status_for
 from epgrpo.services.common.logs import FORMATS, configure_logging  # noqa: F401 - re-exported for mains
 from epgrpo.services.common.metrics import MetricsInterceptor, ServiceMetrics
 from epgrpo.services.common.options import env_option
+from epgrpo.services.common.probes import ProbeGuard
 
 log = logging.getLogger("epgrpo.server")
 
@@ -154,12 +155,17 @@ async def start_server(
                                   on_reject=_budget_metrics(metrics, budget))
     server = grpc.aio.server(
         # Metrics outermost so calls the token check rejects are counted and logged too; the budget
-        # innermost, so a call the token check rejects never reads its message.
-        interceptors=[MetricsInterceptor(metrics), *config.security.interceptors(), *interceptors, admission],
+        # (and the probes' own bounds) innermost, so a call the token check rejects never reads its message.
+        interceptors=[MetricsInterceptor(metrics), *config.security.interceptors(), *interceptors, admission,
+                      ProbeGuard()],
         options=[
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # Identity only: grpc inflates a compressed message whole before checking it against the
+            # size limit (a 1 MB gzip body inflates to 1 GiB, outside any budget), so compressed
+            # requests are refused (UNIMPLEMENTED "Compression algorithm 'gzip' is disabled").
+            ("grpc.compression_enabled_algorithms_bitset", 1),
             # Clients ping every 30 s during calls (protos/channel.py) to notice dead peers; the
             # default server policy (one ping per 5 min) would answer GOAWAY "too_many_pings" and
             # kill long pruning streams.
