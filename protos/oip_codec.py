@@ -77,4 +77,21 @@ def decode_tensor(name: str, datatype: str, shape: Sequence[int], raw: bytes | N
     values = getattr(contents, CONTENTS_FIELDS.get(datatype, ""), []) if contents is not None else []
     if len(values) != count:
         raise WireError(f"{name}.contents", f"expected {count} {datatype} values for shape {list(shape)}, got {len(values)}")
-    return np.asarray(values).astype(dtype).reshape(tuple(shape))
+    return _typed(values, dtype, datatype, name).reshape(tuple(shape))
+
+
+def _typed(values, dtype: np.dtype, datatype: str, name: str) -> np.ndarray:
+    """Typed contents as ``dtype``, read without an intermediate list; integers outside the
+    datatype's range are refused (``uint_contents`` holds UINT8 values as uint32: 256 is no pixel)."""
+    if not len(values):
+        return np.zeros(0, dtype)
+    if dtype.kind in "iu":
+        wide = np.fromiter(values, dtype=np.uint64 if datatype == "UINT64" else np.int64, count=len(values))
+        info = np.iinfo(dtype)
+        low, high = wide.min(), wide.max()
+        if low < info.min or high > info.max:
+            bad = low if low < info.min else high
+            raise WireError(f"{name}.contents", f"{datatype} values lie in [{info.min}, {info.max}], got {int(bad)}")
+        return wide.astype(dtype)
+    wide = np.fromiter(values, dtype=np.bool_ if dtype.kind == "b" else np.float64, count=len(values))
+    return wide.astype(dtype)

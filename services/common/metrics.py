@@ -149,9 +149,13 @@ class _Context:
 
     async def read(self):
         message = await self._context.read()
-        if message is not grpc.aio.EOF:
+        if message is not grpc.aio.EOF and not isinstance(message, (bytes, bytearray)):
             self._call.received(message)
         return message
+
+    def observe_received(self, message) -> None:
+        """A message an inner interceptor read as bytes (through ``read``) and parsed itself."""
+        self._call.received(message)
 
     def __getattr__(self, name):
         return getattr(self._context, name)

@@ -79,7 +79,11 @@ class ProbeGuard(grpc.aio.ServerInterceptor):
             del raw  # never parsed
             await self._refuse(context, f"{method}: request of {size} bytes; health checks and reflection accept at "
                                         f"most {self.max_message_bytes} bytes (a service or symbol name)")
-        return deserializer(raw) if deserializer is not None else raw
+        message = deserializer(raw) if deserializer is not None else raw
+        observe = getattr(context, "observe_received", None)  # the metrics interceptor's count
+        if observe is not None:
+            observe(message)
+        return message
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)

@@ -3,8 +3,10 @@
 The aio channel is created on first use, inside the event loop that serves the pruner (aio
 channels are bound to the loop they were created in). Upstream failures become the pruner's
 own statuses: the reward service rejecting the request (bad reward name, bad prompt) is the
-pruner client's fault and stays INVALID_ARGUMENT; anything else (down, deadline, internal error,
-a malformed answer) is UNAVAILABLE, never UNKNOWN or INTERNAL.
+pruner client's fault and stays INVALID_ARGUMENT; a service down, slow or over its memory budget
+is UNAVAILABLE (clients retry); a batch over its limits is RESOURCE_EXHAUSTED without the retry
+mark, and an internal error or an unusable answer (NaN scores) FAILED_PRECONDITION: those would
+fail the same way again, so the trainer stops at once with the reason. Never UNKNOWN or INTERNAL.
 
 Group-aware rewards (RewardInfo.group_aware, asked once per channel with ListRewards) score each
 image against the rest of its group: the servicer then sends a group's previews in one request
@@ -24,7 +26,8 @@ import numpy as np
 from epgrpo.protos import codec
 from epgrpo.protos.channel import DEFAULT_MAX_MESSAGE_BYTES, is_budget_rejection
 from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc, tensor_pb2
-from epgrpo.services.common.errors import InvalidArgument, Unavailable
+from epgrpo.services.common.errors import (FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable,
+                                           show)
 
 log = logging.getLogger("epgrpo.pruner.proxy")
 
@@ -36,6 +39,8 @@ DEFAULT_MAX_REQUEST_BYTES = codec.DEFAULT_MAX_REQUEST_BYTES  # per Score call (s
 DEFAULT_MAX_IMAGES = codec.DEFAULT_MAX_REQUEST_ITEMS
 # Rejections that are about what the pruner's client asked for, not about the reward service.
 _CLIENT_FAULT_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+# The reward service is down, restarting or slow: worth a retry (the trainer's retry budget).
+_RETRYABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
 class ProxyScorer:
@@ -137,21 +142,30 @@ class ProxyScorer:
         try:
             response = await self._with_backoff("Score", request, request_id)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code in _CLIENT_FAULT_CODES:
-                raise InvalidArgument(
-                    f"the reward service rejected the proxy request (proxy_rewards, prompts or metadata): "
-                    f"{code.name}: {exc.details()}"
-                ) from None
-            log.warning("reward service call %s failed: %s: %s", request_id, code.name, exc.details())
-            raise Unavailable(f"reward service at {self.address} failed: {code.name}: {exc.details()}") from None
+            raise self._upstream_error(exc, request_id) from None
         scores = np.asarray(response.scores, dtype=np.float64)
         if scores.size != n or not np.isfinite(scores).all():
-            raise Unavailable(
+            # the same request would get the same answer: not worth a retry
+            raise FailedPrecondition(
                 f"reward service at {self.address} answered {scores.size} scores "
-                f"({int((~np.isfinite(scores)).sum())} non-finite) for {n} images"
+                f"({int((~np.isfinite(scores)).sum())} non-finite) for {n} images; its proxy scores are unusable"
             )
         return scores
+
+    def _upstream_error(self, exc: grpc.aio.AioRpcError, request_id: str) -> Exception:
+        """The pruner's own error for a failed Score call: retryable (UNAVAILABLE) only when the reward
+        service is down, slow or full; what would fail the same way again keeps its real status."""
+        code = exc.code()
+        if code in _CLIENT_FAULT_CODES:
+            return InvalidArgument(f"the reward service rejected the proxy request (proxy_rewards, prompts or "
+                                   f"metadata): {code.name}: {exc.details()}")
+        if code in _RETRYABLE_CODES or is_budget_rejection(exc):
+            log.warning("reward service call %s failed: %s: %s", show(request_id), code.name, show(exc.details(), 200))
+            return Unavailable(f"reward service at {self.address} failed: {code.name}: {exc.details()}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a batch or message over its limits: never fits
+            return ResourceExhausted(f"reward service at {self.address} refused the proxy request: {exc.details()}")
+        return FailedPrecondition(f"reward service at {self.address} failed to score the proxy request: "
+                                  f"{code.name}: {exc.details()}")
 
     async def _with_backoff(self, method: str, request, request_id: str):
         """One ``method`` call (Score, ListRewards); a rejection by the reward service's full memory

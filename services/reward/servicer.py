@@ -13,6 +13,7 @@ import grpc
 
 from epgrpo.protos.codec import to_numpy
 from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc
+from epgrpo.services.common.limits import check_count, check_id, metadata_dicts, texts
 from epgrpo.services.common.server import map_errors
 from epgrpo.services.reward import metrics as _metrics  # noqa: F401 - registers this service's metric extractors
 from epgrpo.services.reward.batching import DynamicBatcher
@@ -45,8 +46,14 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
         start = time.perf_counter()
         images = to_numpy(request.images, "images", dtypes=("uint8",), ndim=4)
-        prompts = list(request.prompts)
-        metadata = [dict(m.fields) for m in request.metadata]
+        # counts first: nothing is copied out of a request whose lists do not match its images
+        n = len(images)
+        self.scorer.check_size(n)
+        check_count(len(request.prompts), (n,), "prompts", "prompts (one per image)")
+        check_count(len(request.metadata), (0, n), "metadata", "entries (one per image)")
+        check_id(request.request_id, "request_id")
+        prompts = texts(request.prompts, "prompts")
+        metadata = metadata_dicts(request.metadata, "metadata")
         specs = [(spec.name, spec.weight) for spec in request.rewards]
         combined, per_reward = await self.compute(images, prompts, metadata, specs)
         response = reward_pb2.ScoreResponse(scores=combined.tolist())
