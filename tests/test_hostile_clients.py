@@ -135,3 +135,118 @@ def test_compressed_requests_are_refused_before_they_inflate(reward):
         print(f"\ngzip bombs: RSS start {start:.0f} MiB, peak +{sampler.peak - start:.0f} MiB")
         assert sampler.peak - start < 24
         assert _score(channel) == 4  # uncompressed calls are served as before
+
+
+# -- requests that expand far past their wire size ------------------------------------------------
+def _raw_call(channel, method: str, payload: bytes):
+    """Sends already-serialized bytes (the client never parses what it sends)."""
+    return channel.unary_unary(method)(payload, timeout=30, metadata=AUTH)
+
+
+def _oip_request(images: np.ndarray, prompts_shape=None, raw_prompts: bytes | None = None, typed=False):
+    tensor = oip_pb2.ModelInferRequest.InferInputTensor
+    request = oip_pb2.ModelInferRequest(model_name="jpeg_compressibility")
+    request.inputs.append(tensor(name="IMAGES", datatype="UINT8", shape=list(images.shape)))
+    if typed:
+        request.inputs[0].contents.uint_contents.extend(images.reshape(-1).tolist())
+        return request
+    request.raw_input_contents.append(images.astype(np.uint8).tobytes())
+    if prompts_shape is not None:
+        request.inputs.append(tensor(name="PROMPTS", datatype="BYTES", shape=prompts_shape))
+        request.raw_input_contents.append(raw_prompts)
+    return request
+
+
+def test_requests_are_counted_before_they_expand(reward):
+    pid = reward.process.pid
+    four = codec.encode(np.zeros((4, 8, 8, 3), np.uint8))
+    fields = {f"k{i}": "v" for i in range(40_000)}
+    cases = {  # name: (method, serialized request, status, words of the message)
+        "1M two-character prompts": ("/epgrpo.v1.RewardService/Score", reward_pb2.ScoreRequest(
+            images=four, prompts=["ab"] * 1_000_000, rewards=JPEG), "RESOURCE_EXHAUSTED", "more than 131072 fields"),
+        "200k metadata entries": ("/epgrpo.v1.RewardService/Score", reward_pb2.ScoreRequest(
+            images=four, prompts=[""] * 4, metadata=[tensor_pb2.Metadata(fields={"a": "b"})] * 200_000,
+            rewards=JPEG), "RESOURCE_EXHAUSTED", "more than 131072 fields"),
+        "4 entries of 40k fields": ("/epgrpo.v1.RewardService/Score", reward_pb2.ScoreRequest(
+            images=four, prompts=[""] * 4, metadata=[tensor_pb2.Metadata(fields=fields)] * 4, rewards=JPEG),
+            "RESOURCE_EXHAUSTED", "more than 131072 fields"),
+        "5 prompts for 4 images": ("/epgrpo.v1.RewardService/Score", reward_pb2.ScoreRequest(
+            images=four, prompts=["ab"] * 5, rewards=JPEG), "INVALID_ARGUMENT", "prompts: expected 4 prompts"),
+        "OIP: 1M BYTES prompts for 2 images": ("/inference.GRPCInferenceService/ModelInfer", _oip_request(
+            np.zeros((2, 8, 8, 3)), [1_000_000], encode_bytes([""] * 1_000_000)), "INVALID_ARGUMENT",
+            "PROMPTS: expected 2 elements"),
+        "OIP: UINT8 contents of 256 + 7": ("/inference.GRPCInferenceService/ModelInfer", _oip_request(
+            np.full((1, 2, 2, 3), 263), typed=True), "INVALID_ARGUMENT", "inputs[0] (IMAGES.contents: UINT8 values"),
+    }
+    payloads = {name: (method, request.SerializeToString(), code, words)
+                for name, (method, request, code, words) in cases.items()}
+    del cases
+    with _channel(reward.address) as channel:
+        start = _settle(pid)
+        sampler = Sampler(pid, reward.address)
+        seen = {}
+        try:
+            for name, (method, payload, code, words) in payloads.items():
+                begun = time.perf_counter()
+                with pytest.raises(grpc.RpcError) as info:
+                    _raw_call(channel, method, payload)
+                seen[name] = (info.value.code().name, round(time.perf_counter() - begun, 2))
+                assert info.value.code().name == code and words in info.value.details(), (name, info.value.details())
+            # a valid OIP request of typed contents: 8 x 256 x 256 x 3 = 1.5 M values, ~2 MiB on the wire
+            images = np.random.default_rng(0).integers(0, 256, (8, 256, 256, 3), dtype=np.uint8)
+            response = oip_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                _oip_request(images, typed=True), timeout=60, metadata=AUTH)
+            assert response.outputs[0].shape == [8]
+        finally:
+            sampler.stop()
+    print(f"\nexpanding requests: RSS start {start:.0f} MiB, peak +{sampler.peak - start:.0f} MiB; {seen}; "
+          f"health {set(sampler.health)} x{len(sampler.health)}")
+    assert sampler.peak - start < 80, sampler.peak - start
+    assert set(sampler.health) == {"SERVING"}
+
+
+@pytest.fixture(scope="module")
+def pruner(reward, tmp_path_factory):
+    """A pruner (32 MiB budget, 2 MiB messages) scoring through the token-protected reward service."""
+    from epgrpo.trainer.launch import LocalService
+
+    service = LocalService("pruner", "epgrpo.services.pruner.main",
+                           ["--reward-address", reward.address, "--max-inflight-mb", "32", "--max-message-mb", "2"],
+                           tmp_path_factory.mktemp("hostile-pruner"), env={"EPGRPO_REWARD_TOKEN": TOKEN})
+    yield service
+    service.stop()
+
+
+def _prune(n: int, prompt: str, ids=None) -> bytes:
+    previews = np.zeros((n, 1, 2, 2), np.float32)
+    return pruner_pb2.PruneRequest(checkpoint=pruner_pb2.GroupCheckpoint(
+        group_id="g", step=1, trajectory_ids=list(range(n)) if ids is None else ids,
+        previews=codec.encode(previews), prompts=[prompt]), keep=2, proxy_rewards=JPEG).SerializeToString()
+
+
+def test_the_pruner_budgets_what_it_broadcasts_and_caps_what_it_copies(pruner):
+    from epgrpo.protos.channel import is_budget_rejection
+
+    pid = pruner.process.pid
+    with _channel(pruner.address) as channel:
+        call = channel.unary_unary("/epgrpo.v1.PrunerService/Prune")
+        assert pruner_pb2.PruneDecision.FromString(call(_prune(8, "a cat"), timeout=30)).keep == 2
+        start = _settle(pid)
+        sampler = Sampler(pid, pruner.address)
+        try:
+            with pytest.raises(grpc.RpcError) as long_prompt:  # 1 MiB prompt for 64 trajectories: 64 MiB upstream
+                call(_prune(64, "x" * MiB), timeout=30)
+            with pytest.raises(grpc.RpcError) as broadcast:  # 16 k characters x 1,024: 48 MiB built, 32 MiB budget
+                call(_prune(1024, "y" * 16384), timeout=30)
+            with pytest.raises(grpc.RpcError) as ids:  # 500 k ids, 1.9 MiB on the wire
+                call(_prune(2, "z", ids=list(range(500_000))), timeout=30)
+        finally:
+            sampler.stop()
+    print(f"\npruner broadcast: RSS start {start:.0f} MiB, peak +{sampler.peak - start:.0f} MiB")
+    assert long_prompt.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "checkpoint.prompts[0]: expected at most 16384 characters" in long_prompt.value.details()
+    assert broadcast.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not is_budget_rejection(broadcast.value)
+    assert "broadcast to the group" in broadcast.value.details() and "whole budget" in broadcast.value.details()
+    assert ids.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 4096 ids" in ids.value.details(), ids.value.details()
+    assert sampler.peak - start < 48
