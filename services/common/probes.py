@@ -104,8 +104,10 @@ class ProbeGuard(grpc.aio.ServerInterceptor):
 
         async def single(context):
             message = await guard._read(context, method, deserializer)
-            if message is grpc.aio.EOF:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: no request message received")
+            if message is grpc.aio.EOF:  # core refused it already (over the size limit), or none was sent
+                context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)  # for the access log; an abort would fail
+                context.set_details(f"{method}: no request message received")
+                raise asyncio.CancelledError()
             return message
 
         async def enter(context) -> None:

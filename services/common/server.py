@@ -261,7 +261,7 @@ def add_server_arguments(parser, default_port: int) -> None:
                help="PEM CA for client certificates: mutual TLS, clients without a certificate it signed are "
                     "refused at the handshake")
     env_option(security, "--token-file", env="EPGRPO_TOKEN_FILE", default="",
-               help="file of accepted bearer tokens, one per line (else the token in $EPGRPO_TOKEN; none = no "
+               help="file of accepted bearer tokens, one per line; blank lines and # comments are skipped (else the token in $EPGRPO_TOKEN; none = no "
                     "token check). Health checks are exempt")
     env_option(security, "--allow-insecure-remote", env="EPGRPO_ALLOW_INSECURE_REMOTE", action="store_true",
                default=False, help="allow a non-loopback --host without TLS or token (only on a network you trust)")

@@ -86,8 +86,10 @@ class ProxyScorer:
                 self._group_aware = {r.name for r in response.rewards if r.group_aware}
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise Unavailable(f"reward service at {self.address} failed: ListRewards: {exc.code().name}: "
-                                      f"{exc.details()}") from None
+                    log.warning("reward service at %s: ListRewards failed: %s: %s", self.address, exc.code().name,
+                                show(exc.details(), 200))
+                    raise Unavailable(f"the reward service failed: ListRewards: {exc.code().name} (the pruner's log "
+                                      "has the details)") from None
                 self._group_aware = set()  # a scorer serving Score only: it knows no groups
         return any(name in self._group_aware for name, _ in rewards)
 
@@ -147,7 +149,7 @@ class ProxyScorer:
         if scores.size != n or not np.isfinite(scores).all():
             # the same request would get the same answer: not worth a retry
             raise FailedPrecondition(
-                f"reward service at {self.address} answered {scores.size} scores "
+                f"the reward service answered {scores.size} scores "
                 f"({int((~np.isfinite(scores)).sum())} non-finite) for {n} images; its proxy scores are unusable"
             )
         return scores
@@ -160,11 +162,13 @@ class ProxyScorer:
             return InvalidArgument(f"the reward service rejected the proxy request (proxy_rewards, prompts or "
                                    f"metadata): {code.name}: {exc.details()}")
         if code in _RETRYABLE_CODES or is_budget_rejection(exc):
-            log.warning("reward service call %s failed: %s: %s", show(request_id), code.name, show(exc.details(), 200))
-            return Unavailable(f"reward service at {self.address} failed: {code.name}: {exc.details()}")
+            # the details may name internal addresses ("failed to connect to ... 10.0.0.5:50051"): logged only
+            log.warning("reward service at %s: call %s failed: %s: %s", self.address, show(request_id), code.name,
+                        show(exc.details(), 200))
+            return Unavailable(f"the reward service failed: {code.name} (the pruner's log has the details)")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a batch or message over its limits: never fits
-            return ResourceExhausted(f"reward service at {self.address} refused the proxy request: {exc.details()}")
-        return FailedPrecondition(f"reward service at {self.address} failed to score the proxy request: "
+            return ResourceExhausted(f"the reward service refused the proxy request: {exc.details()}")
+        return FailedPrecondition(f"the reward service failed to score the proxy request: "
                                   f"{code.name}: {exc.details()}")
 
     async def _with_backoff(self, method: str, request, request_id: str):

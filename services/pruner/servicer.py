@@ -22,7 +22,7 @@ from epgrpo.services.common.errors import FailedPrecondition, InvalidArgument, s
 from epgrpo.services.common.limits import check_count, check_id, metadata_dicts, texts
 from epgrpo.services.common.server import map_errors
 from epgrpo.services.pruner import metrics as _metrics  # noqa: F401 - registers this service's metric extractors
-from epgrpo.services.pruner.decode import Decoder, decoder_descriptions, get_decoder
+from epgrpo.services.pruner.decode import Decoder, decoder_descriptions, get_decoder_async
 from epgrpo.services.pruner.proxy import ProxyScorer
 from epgrpo.services.pruner.session import RolloutSession, check_ids, check_scores, select_survivors, strategy_or_raise
 
@@ -46,7 +46,7 @@ class _ProxyConfig:
     decoder: Decoder
 
 
-def _proxy_config(reward_specs, decoder_name: str, prefix: str) -> _ProxyConfig:
+async def _proxy_config(reward_specs, decoder_name: str, prefix: str) -> _ProxyConfig:
     rewards = []
     for i, spec in enumerate(reward_specs):
         if not spec.name:
@@ -54,7 +54,8 @@ def _proxy_config(reward_specs, decoder_name: str, prefix: str) -> _ProxyConfig:
         if not math.isfinite(spec.weight):
             raise InvalidArgument(f"{prefix}proxy_rewards[{i}].weight: expected a finite number, got {spec.weight}")
         rewards.append((spec.name, spec.weight))
-    return _ProxyConfig(tuple(rewards), f"{prefix}proxy_rewards", get_decoder(decoder_name, f"{prefix}decoder"))
+    return _ProxyConfig(tuple(rewards), f"{prefix}proxy_rewards",
+                        await get_decoder_async(decoder_name, f"{prefix}decoder"))
 
 
 def _per_trajectory(values: list, n: int, field: str, what: str) -> list:
@@ -162,9 +163,10 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         if first.WhichOneof("message") != "open":
             raise FailedPrecondition(f"first message must be 'open', got {first.WhichOneof('message')!r}")
         opened = first.open
+        check_id(opened.rollout_id, "open.rollout_id")  # logged below: bounded first
         session = RolloutSession.create([(c.step, c.keep) for c in opened.schedule], opened.num_steps,
                                         opened.strategy, opened.seed, opened.rollout_id)
-        proxy = _proxy_config(opened.proxy_rewards, opened.decoder, "open.")
+        proxy = await _proxy_config(opened.proxy_rewards, opened.decoder, "open.")
         rollout = opened.rollout_id or "<unnamed>"
         self.active_sessions += 1
         decisions = parts = 0
@@ -247,7 +249,7 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
             raise InvalidArgument(f"keep: expected 1 <= keep <= {len(ids)} (the number of trajectory ids), "
                                   f"got {request.keep}")
         strategy_or_raise(request.strategy, "strategy")
-        proxy = _proxy_config(request.proxy_rewards, request.decoder, "")
+        proxy = await _proxy_config(request.proxy_rewards, request.decoder, "")
         request_id = f"prune/{checkpoint.group_id}/step{checkpoint.step}"
         scores = await self._proxy_scores(checkpoint, len(ids), proxy, request_id,
                                           whole_group=await self._whole_group(checkpoint, proxy))
