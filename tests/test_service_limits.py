@@ -234,3 +234,57 @@ def test_oversize_messages_and_long_ids_log_one_bounded_line_each(background_ser
     access = [r for r in records if r.name == "epgrpo.access" and "PruneRollout" in r.getMessage()]
     fields = access[-1].fields
     assert fields["groups"] == 40 and len(fields["group_ids"]) == 8 and all(len(g) < 100 for g in fields["group_ids"])
+
+
+# -- 6: a failed or cancelled stream's state is freed when it ends, not by the cyclic GC -------------------
+def test_a_failed_or_cancelled_streams_state_is_freed_at_once(background_server):
+    import gc
+    import weakref
+
+    from epgrpo.services.common.errors import InvalidArgument
+    from epgrpo.services.common.server import map_errors
+
+    class State:  # what a stream holds: its messages, decoded previews, session
+        def __init__(self):
+            self.data = bytearray(2**20)
+
+    alive: list[weakref.ref] = []
+
+    class Service:
+        @map_errors
+        async def Fail(self, requests, context):
+            state = State()
+            alive.append(weakref.ref(state))
+            async for message in requests:
+                if message == b"bad":
+                    raise InvalidArgument("message: bad")
+                yield message
+
+    service = Service()
+
+    def register(server):
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.Streams", {
+            "Fail": grpc.stream_stream_rpc_method_handler(service.Fail)})])
+        return ["t.Streams"]
+
+    server = background_server(register)
+    gc.collect()
+    gc.disable()  # what is freed now is freed by reference counting alone
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            call = channel.stream_stream("/t.Streams/Fail")
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as info:
+                    list(call(iter([b"ok", b"bad"]), timeout=10))
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            gate = threading.Event()
+            for _ in range(3):  # the client goes away mid-stream
+                responses = call(iter(gate.wait, True), timeout=10)
+                time.sleep(0.2)
+                responses.cancel()
+            time.sleep(0.5)
+            held = [ref for ref in alive if ref() is not None]
+            assert len(alive) == 6 and not held, f"{len(held)} of {len(alive)} streams' state still alive"
+    finally:
+        gate.set()
+        gc.enable()

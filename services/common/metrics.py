@@ -202,7 +202,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                         call.sent(message)
                         yield message
                 except BaseException as exc:
-                    error = exc
+                    # its class only: the exception itself would tie its traceback's frames (and what
+                    # they hold: the call's messages) into a cycle only the cyclic GC frees
+                    error = type(exc)
                     raise
                 finally:
                     self._finish(call, context, error)
@@ -217,14 +219,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 call.sent(response)
                 return response
             except BaseException as exc:
-                error = exc
+                error = type(exc)  # its class only (see above)
                 raise
             finally:
                 self._finish(call, context, error)
 
         return with_behavior(handler, unary)
 
-    def _finish(self, call: _Call, context, error: BaseException | None) -> None:
+    def _finish(self, call: _Call, context, error: type[BaseException] | None) -> None:
         code = _code(context, error)
         seconds = time.perf_counter() - call.start
         m = self.metrics
@@ -254,7 +256,7 @@ def _bounded_id(value, chars: int = LOGGED_ID_CHARS, items: int = LOGGED_IDS):
     return value
 
 
-def _code(context, error: BaseException | None) -> str:
+def _code(context, error: type[BaseException] | None) -> str:
     code = None
     try:
         code = context.code()
@@ -264,7 +266,7 @@ def _code(context, error: BaseException | None) -> str:
         return code.name
     if error is None:
         return "OK"
-    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # the client went away
+    if issubclass(error, (asyncio.CancelledError, GeneratorExit)):  # the client went away
         return "CANCELLED"
     return "UNKNOWN"
 

@@ -83,37 +83,47 @@ class RunningServer:
 
 
 def map_errors(method):
-    """Wraps a servicer method (unary or stream) so expected errors become precise statuses."""
+    """Wraps a servicer method (unary or stream) so expected errors become precise statuses.
 
-    async def _abort(context, exc: BaseException):
+    The status is sent after the ``except`` block: grpc keeps the abort's exception (in the call's
+    state, beyond the call), and raised inside the block it would chain the original error, whose
+    traceback holds the servicer's frames and everything they hold (messages, decoded previews,
+    session state) until the cyclic GC ran."""
+
+    def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         mapped = status_for(exc)
         if mapped is None:
             log.exception("unexpected error in %s", method.__qualname__)
             mapped = (grpc.StatusCode.INTERNAL, bounded(f"internal error: {type(exc).__name__}: {exc}"))
-        await context.abort(*mapped)
+        return mapped
 
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream_wrapper(self, request, context):
+            mapped = None
             try:
                 async for item in method(self, request, context):
                     yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped to a status, never UNKNOWN
-                await _abort(context, exc)
+                mapped = _status(exc)
+            if mapped is not None:
+                await context.abort(*mapped)
 
         return stream_wrapper
 
     @functools.wraps(method)
     async def unary_wrapper(self, request, context):
+        mapped = None
         try:
             return await method(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # noqa: BLE001
-            await _abort(context, exc)
+            mapped = _status(exc)
+        await context.abort(*mapped)
 
     return unary_wrapper
 
