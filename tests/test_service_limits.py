@@ -288,3 +288,113 @@ def test_a_failed_or_cancelled_streams_state_is_freed_at_once(background_server)
     finally:
         gate.set()
         gc.enable()
+
+
+# -- 7: keepalive and idle streams ----------------------------------------------------------------------------
+class FreezingProxy:
+    """A TCP proxy in front of a server; ``freeze()`` stops forwarding both ways with the sockets
+    left open, as when a client host vanishes without closing its connection."""
+
+    def __init__(self, target_port: int):
+        import socket
+
+        self.target_port, self.frozen, self.closed = target_port, threading.Event(), threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source, sink):
+        source.settimeout(0.05)
+        while not self.closed.is_set():
+            if self.frozen.is_set():
+                time.sleep(0.05)  # reads nothing: the peer's writes pile up in the kernel buffers
+                continue
+            try:
+                data = source.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def freeze(self):
+        self.frozen.set()
+
+    def close(self):
+        self.closed.set()
+        self.listener.close()
+        for s in self.sockets:
+            s.close()
+
+
+def _open_rollout(channel, requests):
+    """Opens a rollout and brings its first decision; returns the response iterator (the stream stays open)."""
+    stub = pruner_pb2_grpc.PrunerServiceStub(channel)
+    requests.put(pruner_pb2.PruneStreamRequest(open=pruner_pb2.OpenRollout(
+        rollout_id="r", schedule=[pruner_pb2.Checkpoint(step=1, keep=2), pruner_pb2.Checkpoint(step=2, keep=1)],
+        num_steps=4)))
+    requests.put(pruner_pb2.PruneStreamRequest(checkpoint=pruner_pb2.GroupCheckpoint(
+        group_id="g", step=1, trajectory_ids=[0, 1, 2], scores=pruner_pb2.ScoreList(values=[0.0, 0.5, 1.0]))))
+    responses = stub.PruneRollout(iter(requests.get, None), timeout=60)
+    assert len(next(responses).survivor_ids) == 2
+    return responses
+
+
+def _wait_until(predicate, seconds: float) -> float:
+    start = time.monotonic()
+    while not predicate() and time.monotonic() - start < seconds:
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_a_vanished_client_host_is_dropped_by_keepalive_and_an_idle_stream_ends(background_server):
+    import queue
+
+    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
+
+    register = pruner_registrar("127.0.0.1:1")
+    server = background_server(register, ServerConfig(keepalive_s=1.0, keepalive_timeout_s=1.0, stream_idle_s=None))
+    budget, servicer = server.running.budget, register.servicer
+    proxy = FreezingProxy(server.port)
+    requests: queue.Queue = queue.Queue()
+    channel = grpc.insecure_channel(f"127.0.0.1:{proxy.port}")
+    try:
+        responses = _open_rollout(channel, requests)
+        assert budget.held > 0 and servicer.active_sessions == 1
+        proxy.freeze()  # the client host is gone: no FIN, no RST, no ping answered
+        waited = _wait_until(lambda: budget.held == 0 and servicer.active_sessions == 0, 15)
+        assert budget.held == 0 and servicer.active_sessions == 0, (budget.held, servicer.active_sessions)
+        print(f"\nvanished client dropped after {waited:.1f} s (keepalive 1 s + 1 s)")
+    finally:
+        requests.put(None)
+        channel.close()
+        proxy.close()
+
+    idle = background_server(register, ServerConfig(stream_idle_s=1.0))
+    requests = queue.Queue()
+    with grpc.insecure_channel(idle.address) as channel:
+        responses = _open_rollout(channel, requests)  # connected, answering pings, but sends nothing more
+        with pytest.raises(grpc.RpcError) as info:
+            next(responses)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "--stream-idle-timeout" in info.value.details()
+        requests.put(None)
+    assert _wait_until(lambda: idle.running.budget.held == 0, 5) < 5

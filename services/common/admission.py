@@ -191,6 +191,32 @@ class _Gate:
         self.interceptor.trimmer.released(amount)
 
 
+class _IdleBounded:
+    """A stream's context whose reads and writes end the call (DEADLINE_EXCEEDED) after ``idle_s``
+    without progress: a peer that stops sending, or stops reading our messages (its flow-control
+    window stays full), no longer holds its reservation and session for hours."""
+
+    def __init__(self, context, idle_s: float):
+        self._context, self._idle_s = context, float(idle_s)
+
+    async def _bounded(self, operation, what: str):
+        try:
+            return await asyncio.wait_for(operation, self._idle_s)
+        except asyncio.TimeoutError:
+            await self._context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      f"stream idle: no {what} for {self._idle_s:g} s (--stream-idle-timeout); "
+                                      "closed, open a new one")
+
+    async def read(self):
+        return await self._bounded(self._context.read(), "request message received")
+
+    async def write(self, message):
+        return await self._bounded(self._context.write(message), "response read by the client")
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
 class _Trimmer:
     """Hands the heap memory large requests freed back to the OS (glibc ``malloc_trim``), in a
     thread, once ``threshold`` bytes of reservations ended since the last time. Without it
@@ -247,8 +273,12 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, budget: MemoryBudget, max_message_bytes: int, factors: Mapping[str, float] | None = None,
                  default_factor: float = WORKING_SET_FACTOR, exempt_prefixes: tuple[str, ...] = EXEMPT_PREFIXES,
-                 on_reject: Callable[[str], None] | None = None, receive_factor: float = RECEIVE_FACTOR):
+                 on_reject: Callable[[str], None] | None = None, receive_factor: float = RECEIVE_FACTOR,
+                 stream_idle_s: float | None = None):
         self.budget = budget
+        # A stream that neither sends its next message nor reads ours for this long is ended, and
+        # its reservation released (None: no limit). Vanished hosts are found by keepalive pings.
+        self.stream_idle_s = stream_idle_s
         self.max_message_bytes = int(max_message_bytes)
         self.receive_factor = float(receive_factor)
         self.factors = dict(factors or {})
@@ -293,6 +323,7 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
         if handler.request_streaming:
             if handler.response_streaming:
                 async def stream_stream(request_iterator, context):
+                    context = _IdleBounded(context, self.stream_idle_s) if self.stream_idle_s else context
                     gate = gate_for(context)
                     try:
                         async for item in iterate_responses(behavior, _Metered(gate), context):
@@ -303,6 +334,7 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
                 return _handler(handler, stream_stream, request_streaming=True)
 
             async def stream_unary(request_iterator, context):
+                context = _IdleBounded(context, self.stream_idle_s) if self.stream_idle_s else context
                 gate = gate_for(context)
                 try:
                     return await run_unary(behavior, _Metered(gate), context)
