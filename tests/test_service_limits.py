@@ -398,3 +398,35 @@ def test_a_vanished_client_host_is_dropped_by_keepalive_and_an_idle_stream_ends(
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "--stream-idle-timeout" in info.value.details()
         requests.put(None)
     assert _wait_until(lambda: idle.running.budget.held == 0, 5) < 5
+
+
+# -- 8: group-awareness is learnt again when the reward service comes back ---------------------------------
+def test_the_pruner_relearns_group_awareness_after_the_reward_service_restarts(background_server):
+    from conftest import BackgroundServer
+    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
+
+    first = BackgroundServer(reward_registrar({"proxy": Brightness()}))  # not group-aware
+    port = first.port
+    pruner = background_server(pruner_registrar(first.address, reward_deadline_s=10))
+    previews = np.random.default_rng(3).random((6, 1, 4, 4), dtype=np.float32) * 2 - 1
+
+    def rollout() -> list[float]:
+        messages = [pruner_pb2.PruneStreamRequest(open=pruner_pb2.OpenRollout(
+            rollout_id="r", schedule=[pruner_pb2.Checkpoint(step=1, keep=2)], num_steps=3,
+            proxy_rewards=[tensor_pb2.RewardSpec(name="proxy", weight=1.0)]))]
+        messages += [pruner_pb2.PruneStreamRequest(checkpoint=pruner_pb2.GroupCheckpoint(
+            group_id="g", step=1, trajectory_ids=list(range(lo, lo + 2)), group_size=6,
+            previews=codec.encode(previews[lo:lo + 2]), prompts=["x"])) for lo in (0, 2, 4)]
+        with grpc.insecure_channel(pruner.address) as channel:
+            (decision,) = list(pruner_pb2_grpc.PrunerServiceStub(channel).PruneRollout(iter(messages), timeout=30))
+        return list(decision.proxy_scores)
+
+    decoded = np.rint(np.clip((previews + 1) / 2, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(rollout(), Brightness().score(decoded, [""] * 6), atol=1e-6)
+    first.stop()  # the operator restarts the reward service with a group-aware reward of the same name
+    second = background_server(reward_registrar({"proxy": WinRate()}), ServerConfig(port=port))
+    whole_group = WinRate().score(decoded, [""] * 6)  # ranks over all 6: they sum to 3, not 3 x 1
+    time.sleep(0.5)
+    scores = rollout()
+    np.testing.assert_allclose(scores, whole_group, atol=1e-6)
+    assert second.port == port

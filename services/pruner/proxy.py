@@ -8,7 +8,8 @@ is UNAVAILABLE (clients retry); a batch over its limits is RESOURCE_EXHAUSTED wi
 mark, and an internal error or an unusable answer (NaN scores) FAILED_PRECONDITION: those would
 fail the same way again, so the trainer stops at once with the reason. Never UNKNOWN or INTERNAL.
 
-Group-aware rewards (RewardInfo.group_aware, asked once per channel with ListRewards) score each
+Group-aware rewards (RewardInfo.group_aware, asked with ListRewards once per connection: asked again
+after the channel reconnects, as the service may have changed) score each
 image against the rest of its group: the servicer then sends a group's previews in one request
 (``whole_group``), never split into chunks.
 """
@@ -64,7 +65,8 @@ class ProxyScorer:
         self._channel: grpc.aio.Channel | None = None
         self._stub: reward_pb2_grpc.RewardServiceStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._group_aware: set[str] | None = None  # from ListRewards, per channel
+        self._group_aware: set[str] | None = None  # from ListRewards, per connection
+        self._watcher: asyncio.Task | None = None
 
     def _get_stub(self) -> reward_pb2_grpc.RewardServiceStub:
         loop = asyncio.get_running_loop()
@@ -74,7 +76,22 @@ class ProxyScorer:
             self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
             self._loop = loop
             self._group_aware = None
+            self._watcher = loop.create_task(self._forget_on_reconnect(self._channel))
         return self._stub
+
+    async def _forget_on_reconnect(self, channel: grpc.aio.Channel) -> None:
+        """Forgets which rewards are group-aware whenever the channel leaves READY: the service
+        behind it may come back (restarted, or another replica) serving other rewards under the
+        same names, and a group-aware one scored part by part would be silently wrong."""
+        try:
+            state = channel.get_state()
+            while True:
+                await channel.wait_for_state_change(state)
+                state = channel.get_state()
+                if state != grpc.ChannelConnectivity.READY and self._channel is channel:
+                    self._group_aware = None
+        except (asyncio.CancelledError, grpc.aio.UsageError, RuntimeError):
+            return  # the channel closed
 
     async def group_aware(self, rewards: Sequence[tuple[str, float]]) -> bool:
         """Whether any of these rewards scores a group jointly (ListRewards, asked once per channel; a
@@ -190,6 +207,9 @@ class ProxyScorer:
                 backoff = min(2 * backoff, BUDGET_MAX_BACKOFF_S)
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = self._loop = None
