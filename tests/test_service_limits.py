@@ -430,3 +430,70 @@ def test_the_pruner_relearns_group_awareness_after_the_reward_service_restarts(b
     scores = rollout()
     np.testing.assert_allclose(scores, whole_group, atol=1e-6)
     assert second.port == port
+
+
+# -- 14: a slow reward never blocks the others; a cancelled request never runs ------------------------------
+class RemoteJudge(RewardBackend):
+    """A judge answering over the network after ``delay_s`` (as VlmJudge does: concurrent, waits on I/O)."""
+
+    concurrent = True
+    waits_on_network = True
+    group_aware = True
+    delay_s = 1.5
+
+    def _score(self, images, prompts, metadata):
+        time.sleep(self.delay_s)
+        return np.full(len(images), 0.5)
+
+
+class SlowModel(RewardBackend):
+    """A model reward (one call at a time) that records which requests it ran."""
+
+    delay_s = 0.8
+
+    def __init__(self):
+        super().__init__()
+        self.ran: list[str] = []
+
+    def _score(self, images, prompts, metadata):
+        self.ran.append(prompts[0])
+        time.sleep(self.delay_s)
+        return np.zeros(len(images))
+
+
+def test_a_slow_reward_never_blocks_the_others_and_a_cancelled_request_never_runs(background_server):
+    from epgrpo.protos.v1 import reward_pb2
+
+    model = SlowModel()
+    server = background_server(reward_registrar({"judge": RemoteJudge(), "fast": Brightness(), "model": model}))
+    images = codec.encode(np.zeros((2, 8, 8, 3), np.uint8))
+
+    def request(reward: str, prompt: str = "") -> reward_pb2.ScoreRequest:
+        return reward_pb2.ScoreRequest(images=images, prompts=[prompt] * 2,
+                                       rewards=[tensor_pb2.RewardSpec(name=reward, weight=1.0)])
+
+    with grpc.insecure_channel(server.address) as channel:
+        score = reward_pb2_grpc.RewardServiceStub(channel).Score
+        start = time.perf_counter()
+        judged = [score.future(request("judge"), timeout=30) for _ in range(3)]
+        time.sleep(0.2)
+        fast_start = time.perf_counter()
+        assert len(score(request("fast"), timeout=30).scores) == 2
+        fast_s = time.perf_counter() - fast_start
+        assert all(len(f.result().scores) == 2 for f in judged)
+        judged_s = time.perf_counter() - start
+        # a model reward: the second request, cancelled while queued behind the first, never runs
+        first = score.future(request("model", "first"), timeout=30)
+        time.sleep(0.2)
+        second = score.future(request("model", "second"), timeout=30)
+        time.sleep(0.1)
+        second.cancel()
+        third_start = time.perf_counter()
+        assert len(score(request("model", "third"), timeout=30).scores) == 2
+        third_s = time.perf_counter() - third_start
+        first.result()
+    print(f"\nfast beside 3 slow judges: {fast_s * 1000:.0f} ms; 3 judges of 1.5 s: {judged_s:.1f} s; "
+          f"model request after a cancelled one: {third_s:.1f} s")
+    assert fast_s < 1.0, fast_s  # not behind the judges' 1.5 s
+    assert judged_s < 2 * RemoteJudge.delay_s + 1.0, judged_s  # side by side, not 3 x 1.5 s
+    assert model.ran == ["first", "third"], model.ran
