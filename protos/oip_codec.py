@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 from typing import Sequence
 
 import numpy as np
@@ -86,12 +87,22 @@ def _typed(values, dtype: np.dtype, datatype: str, name: str) -> np.ndarray:
     if not len(values):
         return np.zeros(0, dtype)
     if dtype.kind in "iu":
-        wide = np.fromiter(values, dtype=np.uint64 if datatype == "UINT64" else np.int64, count=len(values))
+        wide = _chunked(values, np.uint64 if datatype == "UINT64" else np.int64)
         info = np.iinfo(dtype)
         low, high = wide.min(), wide.max()
         if low < info.min or high > info.max:
             bad = low if low < info.min else high
             raise WireError(f"{name}.contents", f"{datatype} values lie in [{info.min}, {info.max}], got {int(bad)}")
         return wide.astype(dtype)
-    wide = np.fromiter(values, dtype=np.bool_ if dtype.kind == "b" else np.float64, count=len(values))
-    return wide.astype(dtype)
+    return _chunked(values, np.bool_ if dtype.kind == "b" else np.float64).astype(dtype)
+
+
+def _chunked(values, dtype, chunk: int = 1 << 15) -> np.ndarray:
+    """``values`` (a repeated field) as an array, converted a chunk at a time with the GIL released
+    in between: one C loop over millions of values would keep every other thread (a server's event
+    loop) waiting for seconds."""
+    out = np.empty(len(values), dtype)
+    for start in range(0, len(values), chunk):
+        out[start:start + chunk] = values[start:start + chunk]
+        time.sleep(0)
+    return out

@@ -12,6 +12,7 @@ batchers as ``RewardService.Score``. Only the six KServe v2 RPCs exist; Triton-o
 from __future__ import annotations
 
 import asyncio
+import math
 
 import numpy as np
 
@@ -123,8 +124,9 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument(f"{IMAGES}.shape: expected [N, H, W, C], got {shape}")
         for name in (PROMPTS, GROUP):
             if name in order and list(request.inputs[order[name]].shape) != shape[:1]:
-                raise InvalidArgument(f"{name}: expected {shape[0]} elements (one per image), got shape "
-                                      f"{show(list(request.inputs[order[name]].shape))}")
+                given = list(request.inputs[order[name]].shape)
+                raise InvalidArgument(f"{name}: expected {shape[0]} elements (one per image), got "
+                                      f"{math.prod(given)} (shape {show(given)})")
         tensors = {}
         for name, i in sorted(order.items(), key=lambda item: item[0] != IMAGES):
             tensor = request.inputs[i]

@@ -84,10 +84,14 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         (The OIP front calls this too, so its requests batch together with ours.)"""
         loop = asyncio.get_running_loop()
         metadata = self.scorer.validate(images, prompts, metadata, specs)  # cheap: on the loop
+
+        def alone(name: str, weight: float):  # one reward, in its own pool
+            return self.scorer.score(images, prompts, metadata, [(name, weight)])[1][0][2]
+
         raws = await asyncio.gather(*(
             self.batchers[name].submit(images, prompts, metadata) if name in self.batchers else
-            loop.run_in_executor(self._executors[name], self.scorer.run_backend, name, images, prompts, metadata)
-            for name, _ in specs))
+            loop.run_in_executor(self._executors[name], alone, name, weight)
+            for name, weight in specs))
         return self.scorer.combine(specs, raws)
 
     @map_errors
