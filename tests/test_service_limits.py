@@ -497,3 +497,59 @@ def test_a_slow_reward_never_blocks_the_others_and_a_cancelled_request_never_run
     assert fast_s < 1.0, fast_s  # not behind the judges' 1.5 s
     assert judged_s < 2 * RemoteJudge.delay_s + 1.0, judged_s  # side by side, not 3 x 1.5 s
     assert model.ran == ["first", "third"], model.ran
+
+
+# -- 5: a rollout stream's state is bounded, and what it holds is in the budget ------------------------------
+def test_a_rollout_streams_state_is_capped_checked_early_and_budgeted(background_server, monkeypatch):
+    from epgrpo.services.pruner import session as session_module
+    from epgrpo.services.pruner.main import build_registrar as pruner_registrar
+
+    reward = background_server(reward_registrar({"win": WinRate()}))
+    pruner = background_server(pruner_registrar(reward.address, reward_deadline_s=10))
+    budget = pruner.running.budget
+    monkeypatch.setattr(session_module, "MAX_GROUPS", 8)  # 4,096 in service; 8 keeps the test short
+
+    def opening():
+        return pruner_pb2.PruneStreamRequest(open=pruner_pb2.OpenRollout(
+            rollout_id="r", schedule=[pruner_pb2.Checkpoint(step=1, keep=1)], num_steps=2,
+            proxy_rewards=[tensor_pb2.RewardSpec(name="win", weight=1.0)]))
+
+    def part(group: str, ids, group_size: int, side: int = 4):
+        previews = np.zeros((len(ids), 3, side, side), np.float32)
+        return pruner_pb2.PruneStreamRequest(checkpoint=pruner_pb2.GroupCheckpoint(
+            group_id=group, step=1, trajectory_ids=list(ids), group_size=group_size,
+            previews=codec.encode(previews), prompts=["x"]))
+
+    with grpc.insecure_channel(pruner.address) as channel:
+        stub = pruner_pb2_grpc.PrunerServiceStub(channel)
+        failures = {}
+        for name, messages in {
+            "group_size=10**9": [opening(), part("g", [0, 1], 10**9)],
+            # 2,000 decoded 128x128 RGB images (94 MiB) can never go upstream in one request: refused at part one
+            "group-aware group over one request": [opening(), part("g", [0, 1], 2000, side=128)],
+            "9 groups, 8 allowed": [opening(), *(part(f"g{i}", [0, 1], 0) for i in range(9))],
+        }.items():
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.PruneRollout(iter(messages), timeout=30))
+            failures[name] = (info.value.code().name, info.value.details())
+        # the parts of an incomplete group-aware checkpoint are held in the budget until it completes
+        requests = __import__("queue").Queue()
+        for message in (opening(), part("g", [0, 1], 4)):
+            requests.put(message)
+        responses = stub.PruneRollout(iter(requests.get, None), timeout=30)
+        time.sleep(0.5)
+        held_with_part = budget.held
+        requests.put(part("g", [2, 3], 4))
+        assert len(next(responses).survivor_ids) == 1
+        requests.put(None)
+        assert list(responses) == []
+    assert failures["group_size=10**9"][0] == "INVALID_ARGUMENT" and "expected 0 to 4096" in failures["group_size=10**9"][1]
+    aware = failures["group-aware group over one request"]
+    assert aware[0] == "INVALID_ARGUMENT" and "checkpoint.group_size: a group-aware proxy reward" in aware[1], aware
+    assert failures["9 groups, 8 allowed"][0] == "RESOURCE_EXHAUSTED" and "8 groups already" in failures["9 groups, 8 allowed"][1]
+    # waiting for its next message the stream holds: the next read's worst case (3 x the 64 MiB limit),
+    # the message before, and the held part: 2 x 4 x 4 x 3 decoded bytes + 3 x its 14 characters of text
+    # (prompts "x", "x"; metadata group=g twice), which go upstream once the group is complete
+    expected = 3 * 64 * 2**20 + part("g", [0, 1], 4).ByteSize() + 96 + 3 * 14
+    assert held_with_part == expected, (held_with_part, expected)
+    assert _wait_until(lambda: budget.held == 0, 5) < 5
