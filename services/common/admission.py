@@ -24,8 +24,13 @@ A call whose message was not asked for holds no more than HTTP/2 flow control le
 send: ``start_server`` turns off BDP probing (``grpc.http2.bdp_probe``), so that is the 64 KiB
 initial stream window, not the up to 16 MiB window BDP probing grows (measured: 16 unread
 40 MiB calls held 260 MiB with it, 2 MiB without). So the bytes requests hold stay within the
-budget however many calls arrive. Health checks and reflection are exempt (small, and health
-must answer while the server sheds load).
+budget however many calls arrive. Health checks and reflection are exempt (health must answer
+while the server sheds load); ``probes.ProbeGuard`` bounds them instead.
+
+A message is field-counted before it is parsed (``wire_scan``): parsing turns every field into an
+object, so a request with more fields than any valid one is refused before it expands. A handler
+that builds or keeps more than its message (a pruning stream's held parts, text broadcast into
+upstream requests) adds it to its call's reservation with :func:`reserve` / :func:`unreserve`.
 
 A pruning stream waiting for its next checkpoint keeps a receive reservation: a pruner admits
 about ``budget / (3 x --max-message-mb)`` open rollouts at once, and refuses further streams with
