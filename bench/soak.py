@@ -13,9 +13,14 @@ non-zero if any call failed.
 own, min(2 GiB, a quarter of RAM)): ``--clients`` threads (default 48) each send 80 images of
 512x512 RGB (60 MiB) back to back for ``--seconds``, without backing off. Reported: the service's
 RSS before and at its peak against the budget, the statuses, and that the health check answered
-SERVING throughout. Exits non-zero if the peak went past budget + ``--overhead-mb`` or health failed.
+SERVING throughout. Then the hostile cases of ``bench/hostile.py`` (skip them with ``--no-hostile``):
+unauthenticated Health.Watch floods and 16 MiB names, gzip bombs, requests that expand far past their
+wire size (15 M prompts, 5 M metadata entries, 12 M OIP elements, typed OIP contents), and the
+pruner's broadcast and id bombs, against a reward service with a token and a 512 MiB budget
+(``--hostile-budget-mb``) and a pruner with 256 MiB. Exits non-zero if the peak went past budget +
+``--overhead-mb``, health failed, or a hostile case took a service past its budget + overhead.
 
-    python bench/soak.py --flood --seconds 20         # 48 x 60 MiB against the default budget
+    python bench/soak.py --flood --seconds 20         # 48 x 60 MiB against the default budget, then the bombs
 """
 
 from __future__ import annotations
@@ -172,6 +177,9 @@ def main(argv=None) -> int:
                             help="the service's message limit (default: its own default, 64)")
     flood_args.add_argument("--images", type=int, default=80, help="images per request (default %(default)s)")
     flood_args.add_argument("--size", type=int, default=512, help="image side, RGB (default %(default)s)")
+    flood_args.add_argument("--no-hostile", action="store_true", help="skip the hostile cases (bench/hostile.py)")
+    flood_args.add_argument("--hostile-budget-mb", type=float, default=512.0,
+                            help="the reward service's budget in the hostile cases (default %(default)s)")
     flood_args.add_argument("--overhead-mb", type=float, default=256.0,
                             help="RSS allowed above start + budget before the flood counts as failed (default %(default)s)")
     args = parser.parse_args(argv)
@@ -192,9 +200,22 @@ def main(argv=None) -> int:
               f"({r['health_p50_ms']:.0f} / {r['health_max_ms']:.0f}) |")
         for code, text in r["details"].items():
             print(f"{code}: {text}")
+        failed = r["rss_peak_mib"] > limit or bool(r["health_failures"])
+        if not args.no_hostile:
+            sys.path.insert(0, str(Path(__file__).parent))
+            import hostile
+
+            print("hostile clients (reward: token, --max-inflight-mb "
+                  f"{args.hostile_budget_mb:.0f}; pruner: 256 MiB), loopback:")
+            with tempfile.TemporaryDirectory() as tmp:
+                rows = hostile.run(Path(tmp), args.hostile_budget_mb)
+            print(hostile.table(rows))
+            r["hostile"] = rows
+            failed |= any(row["rss_peak_mib"] > row["rss_start_mib"] + row["budget_mib"] + args.overhead_mb
+                          or "failed" in row["health"] for row in rows)
         if args.json:
             args.json.write_text(json.dumps(r, indent=2))
-        return 1 if r["rss_peak_mib"] > limit or r["health_failures"] else 0
+        return 1 if failed else 0
     args.clients = args.clients or 8
     rng = np.random.default_rng(0)
     images = codec.encode(rng.integers(0, 256, (16, 16, 16, 1), dtype=np.uint8))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 from typing import Sequence
 
 import numpy as np
@@ -77,4 +78,31 @@ def decode_tensor(name: str, datatype: str, shape: Sequence[int], raw: bytes | N
     values = getattr(contents, CONTENTS_FIELDS.get(datatype, ""), []) if contents is not None else []
     if len(values) != count:
         raise WireError(f"{name}.contents", f"expected {count} {datatype} values for shape {list(shape)}, got {len(values)}")
-    return np.asarray(values).astype(dtype).reshape(tuple(shape))
+    return _typed(values, dtype, datatype, name).reshape(tuple(shape))
+
+
+def _typed(values, dtype: np.dtype, datatype: str, name: str) -> np.ndarray:
+    """Typed contents as ``dtype``, read without an intermediate list; integers outside the
+    datatype's range are refused (``uint_contents`` holds UINT8 values as uint32: 256 is no pixel)."""
+    if not len(values):
+        return np.zeros(0, dtype)
+    if dtype.kind in "iu":
+        wide = _chunked(values, np.uint64 if datatype == "UINT64" else np.int64)
+        info = np.iinfo(dtype)
+        low, high = wide.min(), wide.max()
+        if low < info.min or high > info.max:
+            bad = low if low < info.min else high
+            raise WireError(f"{name}.contents", f"{datatype} values lie in [{info.min}, {info.max}], got {int(bad)}")
+        return wide.astype(dtype)
+    return _chunked(values, np.bool_ if dtype.kind == "b" else np.float64).astype(dtype)
+
+
+def _chunked(values, dtype, chunk: int = 1 << 15) -> np.ndarray:
+    """``values`` (a repeated field) as an array, converted a chunk at a time with the GIL released
+    in between: one C loop over millions of values would keep every other thread (a server's event
+    loop) waiting for seconds."""
+    out = np.empty(len(values), dtype)
+    for start in range(0, len(values), chunk):
+        out[start:start + chunk] = values[start:start + chunk]
+        time.sleep(0)
+    return out

@@ -130,14 +130,20 @@ def test_pruner_with_a_long_reward_name_decoder_and_group_id(services):
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error.details().startswith("decoder: unknown decoder 'aaaa") and CUT in error.details()
 
-        def stream():
-            opened = pruner_pb2.OpenRollout(rollout_id=LONG, num_steps=10,
+        def stream(rollout_id, group_id):
+            opened = pruner_pb2.OpenRollout(rollout_id=rollout_id, num_steps=10,
                                             schedule=[pruner_pb2.Checkpoint(step=4, keep=2)])
             yield pruner_pb2.PruneStreamRequest(open=opened)
-            checkpoint = pruner_pb2.GroupCheckpoint(group_id=LONG, step=3, trajectory_ids=[0, 1, 2, 3],
+            checkpoint = pruner_pb2.GroupCheckpoint(group_id=group_id, step=3, trajectory_ids=[0, 1, 2, 3],
                                                     scores=pruner_pb2.ScoreList(values=[0, 1, 2, 3]))
             yield pruner_pb2.PruneStreamRequest(checkpoint=checkpoint)
 
-        error = rejected(lambda: list(stub.PruneRollout(stream(), timeout=30)))
+        # ids are logged, so they are bounded (256 characters): a longer one is refused naming its field
+        for rollout_id, group_id, field in ((LONG, "g", "open.rollout_id"), ("r", LONG, "checkpoint.group_id")):
+            error = rejected(lambda: list(stub.PruneRollout(stream(rollout_id, group_id), timeout=30)))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.details() == f"{field}: expected at most 256 characters, got 100000", error.details()
+        long_group = "a" * 250  # within the bound, still cut in the message (SHOW_CHARS)
+        error = rejected(lambda: list(stub.PruneRollout(stream("r", long_group), timeout=30)))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert error.details().startswith("checkpoint.step: expected step 4 (group 'aaaa") and CUT in error.details()
+        assert error.details().startswith("checkpoint.step: expected step 4 (group 'aaaa") and "(250 chars)" in error.details()

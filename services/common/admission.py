@@ -24,8 +24,13 @@ A call whose message was not asked for holds no more than HTTP/2 flow control le
 send: ``start_server`` turns off BDP probing (``grpc.http2.bdp_probe``), so that is the 64 KiB
 initial stream window, not the up to 16 MiB window BDP probing grows (measured: 16 unread
 40 MiB calls held 260 MiB with it, 2 MiB without). So the bytes requests hold stay within the
-budget however many calls arrive. Health checks and reflection are exempt (small, and health
-must answer while the server sheds load).
+budget however many calls arrive. Health checks and reflection are exempt (health must answer
+while the server sheds load); ``probes.ProbeGuard`` bounds them instead.
+
+A message is field-counted before it is parsed (``wire_scan``): parsing turns every field into an
+object, so a request with more fields than any valid one is refused before it expands. A handler
+that builds or keeps more than its message (a pruning stream's held parts, text broadcast into
+upstream requests) adds it to its call's reservation with :func:`reserve` / :func:`unreserve`.
 
 A pruning stream waiting for its next checkpoint keeps a receive reservation: a pruner admits
 about ``budget / (3 x --max-message-mb)`` open rollouts at once, and refuses further streams with
@@ -48,37 +53,60 @@ import grpc
 from epgrpo.protos.channel import RETRYABLE_BUDGET, RETRYABLE_METADATA_KEY
 from epgrpo.services.common.budget import RECEIVE_FACTOR, WORKING_SET_FACTOR, BudgetExceeded, MemoryBudget, mib
 from epgrpo.services.common.handlers import behavior_of, iterate_responses, run_unary
+from epgrpo.services.common.wire_scan import MalformedMessage, TooManyFields, count_fields
+from google.protobuf.message import DecodeError
 
 log = logging.getLogger("epgrpo.admission")
 
 RETRYABLE_KEY = RETRYABLE_METADATA_KEY  # on a budget rejection that may succeed later (channel.is_budget_rejection)
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-# The wire size of the message the current call read last (set by the deserializer, which runs in
-# the call's task; ``message.ByteSize()`` would cost a full serialization: 90 ms at 60 MiB).
-_MESSAGE_BYTES: contextvars.ContextVar[int | None] = contextvars.ContextVar("epgrpo_message_bytes", default=None)
+# Messages larger than this are scanned off the event loop (wire_scan is pure Python, ~2 us a field).
+SCAN_IN_THREAD_BYTES = 256 << 10
+# The gate of the call being served, for :func:`reserve` (contextvars follow the call's task).
+_CURRENT_GATE: contextvars.ContextVar[_Gate | None] = contextvars.ContextVar("epgrpo_gate", default=None)
 
 
-def _sized(deserializer):
-    def deserialize(raw: bytes):
-        _MESSAGE_BYTES.set(len(raw))
-        return deserializer(raw) if deserializer is not None else raw
+async def reserve(n: int, what: str = "") -> None:
+    """Grows the current call's reservation by ``n`` bytes for what its handler builds beyond its
+    message (state a stream keeps, requests it sends upstream), until the call ends or
+    :func:`unreserve` gives them back. Waits like a first reservation; a refusal ends the call with
+    RESOURCE_EXHAUSTED (retryable unless the call alone would exceed the budget). Outside an
+    admitted call (in-process use, tests of the servicers) it does nothing."""
+    gate = _CURRENT_GATE.get()
+    if gate is not None and n > 0:
+        await gate.grow(int(n), what)
 
-    return deserialize
+
+def unreserve(n: int) -> None:
+    """Gives back ``n`` bytes of what :func:`reserve` added to the current call."""
+    gate = _CURRENT_GATE.get()
+    if gate is not None and n > 0:
+        gate.shrink(int(n))
+
+
+def _message_descriptor(deserializer):
+    """The protobuf descriptor of a ``Message.FromString`` deserializer, None for anything else."""
+    owner = getattr(deserializer, "__self__", None)
+    return getattr(owner, "DESCRIPTOR", None)
 
 
 class _Gate:
     """One call's reservation: what receiving the largest message may cost before a read, the
-    working set of the message received after it."""
+    working set of the message received after it, plus what the handler reserved beyond it."""
 
-    def __init__(self, interceptor: BudgetInterceptor, factor: float, context, method: str):
+    def __init__(self, interceptor: BudgetInterceptor, factor: float, context, method: str, deserializer=None):
         self.interceptor = interceptor
         self.method = method
         self.budget = interceptor.budget
         self.receive = interceptor.receive_worst_case()
         self.factor = factor
         self.context = context
+        self.deserializer = deserializer
+        self.descriptor = _message_descriptor(deserializer)
         self.reservation = self.budget.reservation()
         self.last_size = 0  # the previous message of a stream, which the handler may still hold
+        self.extra = 0  # reserved by the handler (``reserve``)
+        _CURRENT_GATE.set(self)
 
     def _wait_s(self) -> float:
         remaining = getattr(self.context, "time_remaining", lambda: None)()  # None: no deadline
@@ -91,41 +119,107 @@ class _Gate:
         metadata = ((RETRYABLE_KEY, RETRYABLE_BUDGET),) if exc.retryable else ()
         await self.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), trailing_metadata=metadata)
 
-    async def before_read(self) -> None:
+    async def _resize(self, n: int) -> None:
         try:
-            await self.reservation.resize(min(self.receive + self.last_size, self.budget.capacity), self._wait_s())
+            await self.reservation.resize(n, self._wait_s())
         except BudgetExceeded as exc:
             await self._reject(exc)
 
-    async def after_read(self) -> None:
-        size = _MESSAGE_BYTES.get()
-        if size is None:  # pragma: no cover - read through something other than our deserializer
-            return  # keep the worst case
+    async def before_read(self) -> None:
+        await self._resize(min(self.receive + self.last_size + self.extra, self.budget.capacity))
+
+    async def after_read(self, size: int) -> None:
         self.last_size = size
-        try:  # a shrink when the working set is no larger than the receive reservation, else a (waiting) growth
-            await self.reservation.resize(math.ceil(self.factor * size), self._wait_s())
+        # a shrink when the working set is no larger than the receive reservation, else a (waiting) growth
+        await self._resize(math.ceil(self.factor * size) + self.extra)
+
+    async def grow(self, n: int, what: str) -> None:
+        self.extra += n
+        try:
+            await self.reservation.resize(self.reservation.amount + n, self._wait_s())
         except BudgetExceeded as exc:
+            self.extra -= n
+            if what:
+                exc = BudgetExceeded(f"{what}: {exc}", exc.retryable)
             await self._reject(exc)
+
+    def shrink(self, n: int) -> None:
+        n = min(n, self.extra, self.reservation.amount)
+        self.extra -= n
+        self.budget.release(n)
+        self.reservation.amount -= n
+
+    async def _parse(self, raw: bytes):
+        if self.descriptor is not None:
+            try:
+                if len(raw) > SCAN_IN_THREAD_BYTES:
+                    await asyncio.to_thread(count_fields, raw, self.descriptor)
+                else:
+                    count_fields(raw, self.descriptor)
+            except TooManyFields as exc:  # can never succeed as it is: not marked retryable
+                await self.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            except MalformedMessage as exc:
+                await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.deserializer is None:
+            return raw
+        try:
+            return self.deserializer(raw)
+        except DecodeError:
+            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                     f"request: not a valid {self.descriptor.full_name if self.descriptor else ''} "
+                                     "message")
 
     async def read(self) -> object:
-        """The next request message, read only once its worst case is reserved; ``grpc.aio.EOF`` at the end.
+        """The next request message, read only once its worst case is reserved, and parsed only
+        when its field count is plausible; ``grpc.aio.EOF`` at the end.
 
         Through ``context.read()``, not grpc's request iterator: that async generator keeps the
         last message it yielded alive until it is exhausted or collected (measured: 17 of 32
         60 MiB Score requests still alive after a flood ended), outside any budget."""
         await self.before_read()
-        _MESSAGE_BYTES.set(None)
-        message = await self.context.read()
-        if message is grpc.aio.EOF:
+        raw = await self.context.read()
+        if raw is grpc.aio.EOF:
             self.reservation.release()
-            return message
-        await self.after_read()
+            return raw
+        await self.after_read(len(raw))
+        message = await self._parse(raw)
+        del raw
+        observe = getattr(self.context, "observe_received", None)  # the metrics interceptor's count
+        if observe is not None:
+            observe(message)
         return message
 
     def release(self) -> None:
         amount = self.reservation.amount
         self.reservation.release()
+        self.extra = 0
         self.interceptor.trimmer.released(amount)
+
+
+class _IdleBounded:
+    """A stream's context whose reads and writes end the call (DEADLINE_EXCEEDED) after ``idle_s``
+    without progress: a peer that stops sending, or stops reading our messages (its flow-control
+    window stays full), no longer holds its reservation and session for hours."""
+
+    def __init__(self, context, idle_s: float):
+        self._context, self._idle_s = context, float(idle_s)
+
+    async def _bounded(self, operation, what: str):
+        try:
+            return await asyncio.wait_for(operation, self._idle_s)
+        except asyncio.TimeoutError:
+            await self._context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      f"stream idle: no {what} for {self._idle_s:g} s (--stream-idle-timeout); "
+                                      "closed, open a new one")
+
+    async def read(self):
+        return await self._bounded(self._context.read(), "request message received")
+
+    async def write(self, message):
+        return await self._bounded(self._context.write(message), "response read by the client")
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
 
 
 class _Trimmer:
@@ -184,8 +278,12 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, budget: MemoryBudget, max_message_bytes: int, factors: Mapping[str, float] | None = None,
                  default_factor: float = WORKING_SET_FACTOR, exempt_prefixes: tuple[str, ...] = EXEMPT_PREFIXES,
-                 on_reject: Callable[[str], None] | None = None, receive_factor: float = RECEIVE_FACTOR):
+                 on_reject: Callable[[str], None] | None = None, receive_factor: float = RECEIVE_FACTOR,
+                 stream_idle_s: float | None = None):
         self.budget = budget
+        # A stream that neither sends its next message nor reads ours for this long is ended, and
+        # its reservation released (None: no limit). Vanished hosts are found by keepalive pings.
+        self.stream_idle_s = stream_idle_s
         self.max_message_bytes = int(max_message_bytes)
         self.receive_factor = float(receive_factor)
         self.factors = dict(factors or {})
@@ -225,11 +323,12 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
             return handler
         factor = self.factors.get(details.method, self.default_factor)
         behavior = behavior_of(handler)
-        gate_for = lambda context: _Gate(self, factor, context, details.method)
+        gate_for = lambda context: _Gate(self, factor, context, details.method, handler.request_deserializer)
 
         if handler.request_streaming:
             if handler.response_streaming:
                 async def stream_stream(request_iterator, context):
+                    context = _IdleBounded(context, self.stream_idle_s) if self.stream_idle_s else context
                     gate = gate_for(context)
                     try:
                         async for item in iterate_responses(behavior, _Metered(gate), context):
@@ -240,6 +339,7 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
                 return _handler(handler, stream_stream, request_streaming=True)
 
             async def stream_unary(request_iterator, context):
+                context = _IdleBounded(context, self.stream_idle_s) if self.stream_idle_s else context
                 gate = gate_for(context)
                 try:
                     return await run_unary(behavior, _Metered(gate), context)
@@ -252,11 +352,15 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
         async def single(request_iterator, gate: _Gate):
             message = await gate.read()
             if message is grpc.aio.EOF:
-                # core ended the call already (it answered RESOURCE_EXHAUSTED to a message over the
-                # limit), or the peer sent none; this status only names it for the access log
-                await gate.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                         f"request: no message received (larger than the {mib(self.max_message_bytes)} "
-                                         "message limit, --max-message-mb, or none sent)")
+                details = (f"request: no message received (larger than the {mib(self.max_message_bytes)} message "
+                           "limit, --max-message-mb, or none sent)")
+                # Core ended the call already (it answered RESOURCE_EXHAUSTED to a message over the
+                # limit; context.done() does not say so yet), or the peer half-closed without a message
+                # (no grpc client does): an abort would fail inside grpc with a 20-line ERROR traceback.
+                # Name the status for the access log and end quietly (such a peer sees CANCELLED).
+                gate.context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                gate.context.set_details(details)
+                raise asyncio.CancelledError()
             return message
 
         if handler.response_streaming:
@@ -285,5 +389,5 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
 def _handler(handler: grpc.RpcMethodHandler, behavior, request_streaming: bool) -> grpc.RpcMethodHandler:
     factory = {(True, False): grpc.stream_unary_rpc_method_handler,
                (True, True): grpc.stream_stream_rpc_method_handler}[(request_streaming, handler.response_streaming)]
-    return factory(behavior, request_deserializer=_sized(handler.request_deserializer),
-                   response_serializer=handler.response_serializer)
+    # raw bytes: the gate reads them, checks their size and field count, then parses
+    return factory(behavior, request_deserializer=None, response_serializer=handler.response_serializer)

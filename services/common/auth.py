@@ -37,13 +37,20 @@ def is_loopback_host(host: str) -> bool:
     return host.startswith("127.") or host in ("localhost", "::1")
 
 
+def token_lines(text: str) -> tuple[str, ...]:
+    """The tokens of a token file's text: its lines, stripped, but blank ones and ``#`` comments."""
+    return tuple(line for line in (raw.strip() for raw in text.splitlines()) if line and not line.startswith("#"))
+
+
 def load_tokens(token_file: str | os.PathLike | None, env: str = TOKEN_ENV) -> tuple[str, ...]:
-    """Accepted tokens: every non-empty line of ``token_file`` (several allow rotation without
-    downtime), else the value of the ``env`` variable; none = no token check."""
+    """Accepted tokens: every line of ``token_file`` but blank ones and ``#`` comments (several
+    allow rotation without downtime), else the value of the ``env`` variable; none = no token check.
+    Logs how many were loaded, never which."""
     if token_file:
-        tokens = tuple(line.strip() for line in Path(token_file).read_text().splitlines() if line.strip())
+        tokens = token_lines(Path(token_file).read_text())
         if not tokens:
-            raise ValueError(f"--token-file: {token_file} contains no token")
+            raise ValueError(f"--token-file: {token_file} contains no token (only blank lines and # comments)")
+        log.info("loaded %d bearer token%s from %s", len(tokens), "" if len(tokens) == 1 else "s", token_file)
         return tokens
     value = os.environ.get(env, "").strip()
     return (value,) if value else ()

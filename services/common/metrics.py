@@ -33,6 +33,10 @@ log = logging.getLogger("epgrpo.access")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# Ids clients choose (request_id, rollout_id, group ids) are logged cut to this, so one log line
+# stays one line however long the ids a client sends.
+LOGGED_ID_CHARS = 80
+LOGGED_IDS = 8
 _QUIET = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes: counted, logged at DEBUG only
 
 ItemsFn = Callable[[Any, dict], "int | None"]
@@ -149,9 +153,13 @@ class _Context:
 
     async def read(self):
         message = await self._context.read()
-        if message is not grpc.aio.EOF:
+        if message is not grpc.aio.EOF and not isinstance(message, (bytes, bytearray)):
             self._call.received(message)
         return message
+
+    def observe_received(self, message) -> None:
+        """A message an inner interceptor read as bytes (through ``read``) and parsed itself."""
+        self._call.received(message)
 
     def __getattr__(self, name):
         return getattr(self._context, name)
@@ -194,7 +202,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                         call.sent(message)
                         yield message
                 except BaseException as exc:
-                    error = exc
+                    # its class only: the exception itself would tie its traceback's frames (and what
+                    # they hold: the call's messages) into a cycle only the cyclic GC frees
+                    error = type(exc)
                     raise
                 finally:
                     self._finish(call, context, error)
@@ -209,33 +219,44 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 call.sent(response)
                 return response
             except BaseException as exc:
-                error = exc
+                error = type(exc)  # its class only (see above)
                 raise
             finally:
                 self._finish(call, context, error)
 
         return with_behavior(handler, unary)
 
-    def _finish(self, call: _Call, context, error: BaseException | None) -> None:
+    def _finish(self, call: _Call, context, error: type[BaseException] | None) -> None:
         code = _code(context, error)
         seconds = time.perf_counter() - call.start
         m = self.metrics
         m.in_flight.labels(call.service, call.method).dec()
         m.requests.labels(call.service, call.method, code).inc()
         m.latency.labels(call.service, call.method).observe(seconds)
+        ids = {key: _bounded_id(value) for key, value in call.ids.items() if not key.startswith("_")}
         fields = {"rpc": f"{call.service}/{call.method}", "code": code, "ms": round(1000 * seconds, 2),
-                  "peer": _peer(context), "items": call.items, **call.ids}
+                  "peer": _peer(context), "items": call.items, **ids}
         if call.messages_in > 1 or call.messages_out > 1:
             fields.update(messages_in=call.messages_in, messages_out=call.messages_out)
         quiet = f"/{call.service}/".startswith(_QUIET) and code == "OK"
         level = logging.DEBUG if quiet else logging.INFO if code == "OK" else logging.WARNING
         if log.isEnabledFor(level):
-            ids = " ".join(f"{k}={v}" for k, v in call.ids.items())
+            ids = " ".join(f"{k}={v}" for k, v in ids.items())
             log.log(level, "%s %s %.1f ms items=%d %s", call.method, code, 1000 * seconds, call.items, ids,
                     extra={"fields": fields})
 
 
-def _code(context, error: BaseException | None) -> str:
+def _bounded_id(value, chars: int = LOGGED_ID_CHARS, items: int = LOGGED_IDS):
+    """A client-chosen id (or list of ids) as logged: at most ``chars`` characters each, ``items`` of a list."""
+    if isinstance(value, str):
+        return value if len(value) <= chars else f"{value[:chars]}…({len(value)} chars)"
+    if isinstance(value, (list, tuple)):
+        shown = [_bounded_id(v, chars) for v in value[:items]]
+        return shown + [f"…(+{len(value) - items})"] if len(value) > items else shown
+    return value
+
+
+def _code(context, error: type[BaseException] | None) -> str:
     code = None
     try:
         code = context.code()
@@ -245,7 +266,7 @@ def _code(context, error: BaseException | None) -> str:
         return code.name
     if error is None:
         return "OK"
-    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # the client went away
+    if issubclass(error, (asyncio.CancelledError, GeneratorExit)):  # the client went away
         return "CANCELLED"
     return "UNKNOWN"
 

@@ -32,6 +32,7 @@ from epgrpo.services.common.errors import bounded, status_for
 from epgrpo.services.common.logs import FORMATS, configure_logging  # noqa: F401 - re-exported for mains
 from epgrpo.services.common.metrics import MetricsInterceptor, ServiceMetrics
 from epgrpo.services.common.options import env_option
+from epgrpo.services.common.probes import ProbeGuard
 
 log = logging.getLogger("epgrpo.server")
 
@@ -52,6 +53,12 @@ class ServerConfig:
     # else min(2 GiB, a quarter of the memory this process may use).
     max_inflight_bytes: int | None = None
     budget_wait_s: float = DEFAULT_WAIT_S
+    # A client host that vanishes without closing TCP: pinged every keepalive_s, its connection (and
+    # its calls' reservations) dropped when a ping goes unanswered for keepalive_timeout_s.
+    keepalive_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    # A stream that neither sends nor reads for this long is ended (None: never).
+    stream_idle_s: float | None = 900.0
 
 
 @dataclass
@@ -82,37 +89,47 @@ class RunningServer:
 
 
 def map_errors(method):
-    """Wraps a servicer method (unary or stream) so expected errors become precise statuses."""
+    """Wraps a servicer method (unary or stream) so expected errors become precise statuses.
 
-    async def _abort(context, exc: BaseException):
+    The status is sent after the ``except`` block: grpc keeps the abort's exception (in the call's
+    state, beyond the call), and raised inside the block it would chain the original error, whose
+    traceback holds the servicer's frames and everything they hold (messages, decoded previews,
+    session state) until the cyclic GC ran."""
+
+    def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         mapped = status_for(exc)
         if mapped is None:
             log.exception("unexpected error in %s", method.__qualname__)
             mapped = (grpc.StatusCode.INTERNAL, bounded(f"internal error: {type(exc).__name__}: {exc}"))
-        await context.abort(*mapped)
+        return mapped
 
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream_wrapper(self, request, context):
+            mapped = None
             try:
                 async for item in method(self, request, context):
                     yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped to a status, never UNKNOWN
-                await _abort(context, exc)
+                mapped = _status(exc)
+            if mapped is not None:
+                await context.abort(*mapped)
 
         return stream_wrapper
 
     @functools.wraps(method)
     async def unary_wrapper(self, request, context):
+        mapped = None
         try:
             return await method(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # noqa: BLE001
-            await _abort(context, exc)
+            mapped = _status(exc)
+        await context.abort(*mapped)
 
     return unary_wrapper
 
@@ -151,19 +168,29 @@ async def start_server(
     budget = MemoryBudget(config.max_inflight_bytes if config.max_inflight_bytes is not None else budget_bytes(),
                           wait_s=config.budget_wait_s)
     admission = BudgetInterceptor(budget, config.max_message_bytes, getattr(register, "budget_factors", None),
-                                  on_reject=_budget_metrics(metrics, budget))
+                                  on_reject=_budget_metrics(metrics, budget), stream_idle_s=config.stream_idle_s)
     server = grpc.aio.server(
         # Metrics outermost so calls the token check rejects are counted and logged too; the budget
-        # innermost, so a call the token check rejects never reads its message.
-        interceptors=[MetricsInterceptor(metrics), *config.security.interceptors(), *interceptors, admission],
+        # (and the probes' own bounds) innermost, so a call the token check rejects never reads its message.
+        interceptors=[MetricsInterceptor(metrics), *config.security.interceptors(), *interceptors, admission,
+                      ProbeGuard()],
         options=[
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # Identity only: grpc inflates a compressed message whole before checking it against the
+            # size limit (a 1 MB gzip body inflates to 1 GiB, outside any budget), so compressed
+            # requests are refused (UNIMPLEMENTED "Compression algorithm 'gzip' is disabled").
+            ("grpc.compression_enabled_algorithms_bitset", 1),
             # Clients ping every 30 s during calls (protos/channel.py) to notice dead peers; the
             # default server policy (one ping per 5 min) would answer GOAWAY "too_many_pings" and
             # kill long pruning streams.
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout_s * 1000)),  # the ack wait of any ping
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging a stream that sends nothing
+            ("grpc.http2.min_time_between_pings_ms", int(config.keepalive_s * 1000)),
             # A message nobody asked for yet stays at the peer beyond the 64 KiB stream window; BDP
             # probing would grow that window to 16 MiB per call, outside the memory budget (measured;
             # no slower on loopback: the window opens to the message's size once it is read).
@@ -243,6 +270,12 @@ def add_server_arguments(parser, default_port: int) -> None:
                     "waits briefly, then gets RESOURCE_EXHAUSTED (retryable) (default: min(2048, a quarter of the "
                     "memory available))")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight RPCs on SIGTERM")
+    parser.add_argument("--keepalive", type=float, default=60.0,
+                        help="ping each client connection every this many seconds; one that does not answer within "
+                             "a third of it (at least 1 s) is dropped with its calls (default %(default)s)")
+    parser.add_argument("--stream-idle-timeout", type=float, default=900.0,
+                        help="end a stream (e.g. a pruning rollout) whose client neither sends nor reads for this many "
+                             "seconds, 0 = never (default %(default)s)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     env_option(parser, "--log-format", env="EPGRPO_LOG_FORMAT", choices=FORMATS, default="text",
                help="text, or json: one object per line with rpc, code, ms, request/rollout/group ids "
@@ -255,7 +288,7 @@ def add_server_arguments(parser, default_port: int) -> None:
                help="PEM CA for client certificates: mutual TLS, clients without a certificate it signed are "
                     "refused at the handshake")
     env_option(security, "--token-file", env="EPGRPO_TOKEN_FILE", default="",
-               help="file of accepted bearer tokens, one per line (else the token in $EPGRPO_TOKEN; none = no "
+               help="file of accepted bearer tokens, one per line; blank lines and # comments are skipped (else the token in $EPGRPO_TOKEN; none = no "
                     "token check). Health checks are exempt")
     env_option(security, "--allow-insecure-remote", env="EPGRPO_ALLOW_INSECURE_REMOTE", action="store_true",
                default=False, help="allow a non-loopback --host without TLS or token (only on a network you trust)")
@@ -274,6 +307,10 @@ def server_config_from_args(args) -> ServerConfig:
         security.check_bind(args.host)
         security.credentials()
         max_inflight_bytes = budget_bytes(args.max_inflight_mb)
+        if not args.keepalive > 0:
+            raise ValueError(f"--keepalive: expected a positive number of seconds, got {args.keepalive}")
+        if not args.stream_idle_timeout >= 0:
+            raise ValueError(f"--stream-idle-timeout: expected seconds >= 0, got {args.stream_idle_timeout}")
     except (ValueError, OSError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -285,6 +322,9 @@ def server_config_from_args(args) -> ServerConfig:
         max_message_bytes=int(args.max_message_mb * 2**20),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_inflight_bytes=max_inflight_bytes,
+        keepalive_s=args.keepalive,
+        keepalive_timeout_s=max(1.0, args.keepalive / 3),
+        stream_idle_s=args.stream_idle_timeout or None,
         grace_s=args.grace,
         port_file=args.port_file,
         security=security,

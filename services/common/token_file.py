@@ -18,12 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from epgrpo.services.common.auth import TOKEN_ENV
+from epgrpo.services.common.auth import TOKEN_ENV, token_lines
 
 
 def _existing(path: Path) -> str:
     try:
-        return next((line.strip() for line in path.read_text().splitlines() if line.strip()), "")
+        return next(iter(token_lines(path.read_text())), "")
     except FileNotFoundError:
         return ""
 

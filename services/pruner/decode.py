@@ -4,19 +4,26 @@ A registry by name (the rollout's ``decoder`` field). "pixel" is the identity de
 pixel-space models (values in [-1, 1]). Latent models use a VAE decoder that the *pruner's operator*
 configures (``epgrpo-pruner --vae [NAME=]DIR``, NAME defaulting to "vae"): clients only name it,
 so a client can never make the pruner load an arbitrary path, and the trainer and the pruner may
-see the model under different paths (containers). Factories run once, on first use, so importing
-this module (or starting the pruner) never loads a model.
+see the model under different paths (containers). Factories run once: ``epgrpo-pruner`` loads every
+decoder before it listens (:func:`load_decoders`), so it answers no probe until they are ready;
+in-process servers load one on first use, off the event loop (:func:`get_decoder_async`). A
+failed load is remembered (never retried per request) and answered FAILED_PRECONDITION without
+the server's paths; the reason goes to the server log.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
 
-from epgrpo.services.common.errors import InvalidArgument, show
+from epgrpo.services.common.errors import FailedPrecondition, InvalidArgument, show
+
+log = logging.getLogger("epgrpo.pruner.decode")
 
 DEFAULT_DECODER = "pixel"
 
@@ -29,6 +36,7 @@ class Decoder(Protocol):
 _FACTORIES: dict[str, Callable[[], Decoder]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
 _INSTANCES: dict[str, Decoder] = {}
+_FAILED: dict[str, str] = {}  # name -> why it failed to load (for the server log and load_decoders)
 _LOCK = threading.Lock()
 
 
@@ -40,6 +48,7 @@ def register_decoder(name: str, factory: Callable[[], Decoder], description: str
         _FACTORIES[name] = factory
         _DESCRIPTIONS[name] = description
         _INSTANCES.pop(name, None)
+        _FAILED.pop(name, None)
 
 
 def decoder_names() -> list[str]:
@@ -53,7 +62,9 @@ def decoder_descriptions() -> dict[str, str]:
 
 
 def get_decoder(name: str, field: str = "decoder") -> Decoder:
-    """The decoder for ``name`` ("" means the default); InvalidArgument naming ``field`` if unknown."""
+    """The decoder for ``name`` ("" means the default), loaded on first use (blocking: servers call
+    :func:`get_decoder_async`); InvalidArgument naming ``field`` if unknown, FailedPrecondition if
+    it failed to load (now or before)."""
     name = name or DEFAULT_DECODER
     with _LOCK:
         if name in _INSTANCES:
@@ -62,8 +73,33 @@ def get_decoder(name: str, field: str = "decoder") -> Decoder:
         if factory is None:
             raise InvalidArgument(f"{field}: unknown decoder {show(name)}; "
                                   f"expected one of {', '.join(decoder_names())}")
-        _INSTANCES[name] = factory()
-        return _INSTANCES[name]
+        if name not in _FAILED:
+            try:
+                _INSTANCES[name] = factory()
+                return _INSTANCES[name]
+            except Exception as exc:  # noqa: BLE001 - remembered, reported without the server's paths
+                _FAILED[name] = f"{type(exc).__name__}: {exc}"
+                log.error("decoder %r failed to load: %s", name, _FAILED[name])
+        raise FailedPrecondition(f"{field}: decoder {name!r} failed to load on this server (its log has the "
+                                 "reason); ask its operator, or use another decoder")
+
+
+async def get_decoder_async(name: str, field: str = "decoder") -> Decoder:
+    """:func:`get_decoder` without blocking the event loop while a model loads."""
+    loaded = _INSTANCES.get(name or DEFAULT_DECODER)
+    return loaded if loaded is not None else await asyncio.to_thread(get_decoder, name, field)
+
+
+def load_decoders() -> None:
+    """Loads every registered decoder now; ValueError naming each one that failed and why."""
+    for name in decoder_names():
+        try:
+            get_decoder(name)
+        except FailedPrecondition:
+            pass
+    failed = {name: _FAILED[name] for name in decoder_names() if name in _FAILED}
+    if failed:
+        raise ValueError("; ".join(f"--vae {name}: failed to load: {why}" for name, why in failed.items()))
 
 
 def pixel_decode(previews: np.ndarray, field: str = "previews") -> np.ndarray:
@@ -139,8 +175,9 @@ def parse_vae_spec(spec: str) -> tuple[str, str]:
 
 def register_vae_decoder(name: str, path: str | Path, device: str = "auto", dtype: str = "auto") -> None:
     """Registers decoder ``name`` for the VAE in ``path`` (a VAE directory or a pipeline directory
-    with ``vae/``); checked now, loaded on first use."""
+    with ``vae/``); checked now, loaded by :func:`load_decoders` or on first use."""
     path = Path(path)
     if not ((path / "config.json").is_file() or (path / "vae" / "config.json").is_file()):
         raise ValueError(f"--vae {name}={path}: expected a diffusers VAE directory or a pipeline directory with vae/")
-    register_decoder(name, lambda: VaeDecoder(path, device, dtype), f"diffusers AutoencoderKL from {path}")
+    # the description reaches clients (ListDecoders): the model's directory name, never the server's path
+    register_decoder(name, lambda: VaeDecoder(path, device, dtype), f"diffusers AutoencoderKL ({path.name})")

@@ -19,7 +19,7 @@ from epgrpo.protos.v1 import pruner_pb2_grpc
 from epgrpo.services.common.options import env_option
 from epgrpo.services.common.server import (add_server_arguments, configure_logging, run, serve_until_signal,
                                            server_config_from_args)
-from epgrpo.services.pruner.decode import parse_vae_spec, register_vae_decoder
+from epgrpo.services.pruner.decode import load_decoders, parse_vae_spec, register_vae_decoder
 from epgrpo.services.pruner.proxy import DEFAULT_DEADLINE_S, ProxyScorer, RoutedScorer
 from epgrpo.services.pruner.servicer import PrunerServicer
 
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     env_option(decoders, "--vae", env="EPGRPO_PRUNER_VAE", action="append", metavar="[NAME=]DIR",
                help="serve decoder NAME (default 'vae', what the trainer's sd3 adapter asks for) with the diffusers "
                     "AutoencoderKL in DIR (a VAE directory or a pipeline directory with vae/, e.g. "
-                    "/models/stable-diffusion-3.5-medium); loaded on first use; repeatable, the variable "
+                    "/models/stable-diffusion-3.5-medium); loaded at start, before the port opens; repeatable, the variable "
                     "comma-separated")
     env_option(decoders, "--device", env="EPGRPO_PRUNER_DEVICE", default="auto",
                help="device of the VAE decoders: auto (cuda when present), cpu, cuda[:i] (default %(default)s)")
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
                                    dict(parse_route(spec) for spec in args.reward_route))
         for spec in args.vae:
             register_vae_decoder(*parse_vae_spec(spec), device=args.device, dtype=args.vae_dtype)
+        load_decoders()  # before listening: no probe says ready, no request waits on a load
     except ValueError as e:
         print(f"epgrpo-pruner: error: {e}", file=sys.stderr)
         return 2

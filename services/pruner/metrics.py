@@ -6,10 +6,18 @@ from epgrpo.protos.v1 import pruner_pb2
 from epgrpo.services.common.metrics import decision_counts, request_items
 
 
+# Group ids an access-log line names (the count of distinct ones follows): one line per stream
+# however many groups it holds, and constant work per message.
+LOGGED_GROUPS = 8
+
+
 def _checkpoint(checkpoint: pruner_pb2.GroupCheckpoint, ids: dict) -> int:
-    groups = ids.setdefault("group_ids", [])
-    if checkpoint.group_id not in groups:
-        groups.append(checkpoint.group_id)
+    seen = ids.setdefault("_groups", set())  # not logged (underscore); bounded by the session's group limit
+    if checkpoint.group_id not in seen:
+        seen.add(checkpoint.group_id)
+        if len(seen) <= LOGGED_GROUPS:
+            ids.setdefault("group_ids", []).append(checkpoint.group_id)
+        ids["groups"] = len(seen)
     return len(checkpoint.trajectory_ids)
 
 

@@ -3,10 +3,13 @@
 The aio channel is created on first use, inside the event loop that serves the pruner (aio
 channels are bound to the loop they were created in). Upstream failures become the pruner's
 own statuses: the reward service rejecting the request (bad reward name, bad prompt) is the
-pruner client's fault and stays INVALID_ARGUMENT; anything else (down, deadline, internal error,
-a malformed answer) is UNAVAILABLE, never UNKNOWN or INTERNAL.
+pruner client's fault and stays INVALID_ARGUMENT; a service down, slow or over its memory budget
+is UNAVAILABLE (clients retry); a batch over its limits is RESOURCE_EXHAUSTED without the retry
+mark, and an internal error or an unusable answer (NaN scores) FAILED_PRECONDITION: those would
+fail the same way again, so the trainer stops at once with the reason. Never UNKNOWN or INTERNAL.
 
-Group-aware rewards (RewardInfo.group_aware, asked once per channel with ListRewards) score each
+Group-aware rewards (RewardInfo.group_aware, asked with ListRewards once per connection: asked again
+after the channel reconnects, as the service may have changed) score each
 image against the rest of its group: the servicer then sends a group's previews in one request
 (``whole_group``), never split into chunks.
 """
@@ -24,7 +27,8 @@ import numpy as np
 from epgrpo.protos import codec
 from epgrpo.protos.channel import DEFAULT_MAX_MESSAGE_BYTES, is_budget_rejection
 from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc, tensor_pb2
-from epgrpo.services.common.errors import InvalidArgument, Unavailable
+from epgrpo.services.common.errors import (FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable,
+                                           show)
 
 log = logging.getLogger("epgrpo.pruner.proxy")
 
@@ -36,6 +40,8 @@ DEFAULT_MAX_REQUEST_BYTES = codec.DEFAULT_MAX_REQUEST_BYTES  # per Score call (s
 DEFAULT_MAX_IMAGES = codec.DEFAULT_MAX_REQUEST_ITEMS
 # Rejections that are about what the pruner's client asked for, not about the reward service.
 _CLIENT_FAULT_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+# The reward service is down, restarting or slow: worth a retry (the trainer's retry budget).
+_RETRYABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
 class ProxyScorer:
@@ -59,7 +65,8 @@ class ProxyScorer:
         self._channel: grpc.aio.Channel | None = None
         self._stub: reward_pb2_grpc.RewardServiceStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._group_aware: set[str] | None = None  # from ListRewards, per channel
+        self._group_aware: set[str] | None = None  # from ListRewards, per connection
+        self._watcher: asyncio.Task | None = None
 
     def _get_stub(self) -> reward_pb2_grpc.RewardServiceStub:
         loop = asyncio.get_running_loop()
@@ -69,7 +76,22 @@ class ProxyScorer:
             self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
             self._loop = loop
             self._group_aware = None
+            self._watcher = loop.create_task(self._forget_on_reconnect(self._channel))
         return self._stub
+
+    async def _forget_on_reconnect(self, channel: grpc.aio.Channel) -> None:
+        """Forgets which rewards are group-aware whenever the channel leaves READY: the service
+        behind it may come back (restarted, or another replica) serving other rewards under the
+        same names, and a group-aware one scored part by part would be silently wrong."""
+        try:
+            state = channel.get_state()
+            while True:
+                await channel.wait_for_state_change(state)
+                state = channel.get_state()
+                if state != grpc.ChannelConnectivity.READY and self._channel is channel:
+                    self._group_aware = None
+        except (asyncio.CancelledError, grpc.aio.UsageError, RuntimeError):
+            return  # the channel closed
 
     async def group_aware(self, rewards: Sequence[tuple[str, float]]) -> bool:
         """Whether any of these rewards scores a group jointly (ListRewards, asked once per channel; a
@@ -81,8 +103,10 @@ class ProxyScorer:
                 self._group_aware = {r.name for r in response.rewards if r.group_aware}
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise Unavailable(f"reward service at {self.address} failed: ListRewards: {exc.code().name}: "
-                                      f"{exc.details()}") from None
+                    log.warning("reward service at %s: ListRewards failed: %s: %s", self.address, exc.code().name,
+                                show(exc.details(), 200))
+                    raise Unavailable(f"the reward service failed: ListRewards: {exc.code().name} (the pruner's log "
+                                      "has the details)") from None
                 self._group_aware = set()  # a scorer serving Score only: it knows no groups
         return any(name in self._group_aware for name, _ in rewards)
 
@@ -137,21 +161,32 @@ class ProxyScorer:
         try:
             response = await self._with_backoff("Score", request, request_id)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code in _CLIENT_FAULT_CODES:
-                raise InvalidArgument(
-                    f"the reward service rejected the proxy request (proxy_rewards, prompts or metadata): "
-                    f"{code.name}: {exc.details()}"
-                ) from None
-            log.warning("reward service call %s failed: %s: %s", request_id, code.name, exc.details())
-            raise Unavailable(f"reward service at {self.address} failed: {code.name}: {exc.details()}") from None
+            raise self._upstream_error(exc, request_id) from None
         scores = np.asarray(response.scores, dtype=np.float64)
         if scores.size != n or not np.isfinite(scores).all():
-            raise Unavailable(
-                f"reward service at {self.address} answered {scores.size} scores "
-                f"({int((~np.isfinite(scores)).sum())} non-finite) for {n} images"
+            # the same request would get the same answer: not worth a retry
+            raise FailedPrecondition(
+                f"the reward service answered {scores.size} scores "
+                f"({int((~np.isfinite(scores)).sum())} non-finite) for {n} images; its proxy scores are unusable"
             )
         return scores
+
+    def _upstream_error(self, exc: grpc.aio.AioRpcError, request_id: str) -> Exception:
+        """The pruner's own error for a failed Score call: retryable (UNAVAILABLE) only when the reward
+        service is down, slow or full; what would fail the same way again keeps its real status."""
+        code = exc.code()
+        if code in _CLIENT_FAULT_CODES:
+            return InvalidArgument(f"the reward service rejected the proxy request (proxy_rewards, prompts or "
+                                   f"metadata): {code.name}: {exc.details()}")
+        if code in _RETRYABLE_CODES or is_budget_rejection(exc):
+            # the details may name internal addresses ("failed to connect to ... 10.0.0.5:50051"): logged only
+            log.warning("reward service at %s: call %s failed: %s: %s", self.address, show(request_id), code.name,
+                        show(exc.details(), 200))
+            return Unavailable(f"the reward service failed: {code.name} (the pruner's log has the details)")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a batch or message over its limits: never fits
+            return ResourceExhausted(f"the reward service refused the proxy request: {exc.details()}")
+        return FailedPrecondition(f"the reward service failed to score the proxy request: "
+                                  f"{code.name}: {exc.details()}")
 
     async def _with_backoff(self, method: str, request, request_id: str):
         """One ``method`` call (Score, ListRewards); a rejection by the reward service's full memory
@@ -172,6 +207,9 @@ class ProxyScorer:
                 backoff = min(2 * backoff, BUDGET_MAX_BACKOFF_S)
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = self._loop = None

@@ -15,11 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from epgrpo.protos import codec
+from epgrpo.protos.channel import DEFAULT_MAX_MESSAGE_BYTES
 from epgrpo.protos.v1 import pruner_pb2, pruner_pb2_grpc
+from epgrpo.services.common.admission import reserve, unreserve
 from epgrpo.services.common.errors import FailedPrecondition, InvalidArgument, show
+from epgrpo.services.common.limits import check_count, check_id, metadata_dicts, texts
 from epgrpo.services.common.server import map_errors
 from epgrpo.services.pruner import metrics as _metrics  # noqa: F401 - registers this service's metric extractors
-from epgrpo.services.pruner.decode import Decoder, decoder_descriptions, get_decoder
+from epgrpo.services.pruner.decode import Decoder, decoder_descriptions, get_decoder_async
 from epgrpo.services.pruner.proxy import ProxyScorer
 from epgrpo.services.pruner.session import RolloutSession, check_ids, check_scores, select_survivors, strategy_or_raise
 
@@ -28,6 +31,10 @@ GROUP_KEY = "group"  # the reward service's per-image group metadata (services/r
 log = logging.getLogger("epgrpo.pruner")
 
 PREVIEW_DTYPES = ("float16", "bfloat16", "float32")
+# Copies of a checkpoint's text the upstream Score requests hold: the request objects, their
+# serialization, and the prompt/metadata lists built here.
+UPSTREAM_COPIES = 3
+WHOLE_GROUP_BYTES = int(0.95 * DEFAULT_MAX_MESSAGE_BYTES)  # room left for prompts and metadata (proxy.py)
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ class _ProxyConfig:
     decoder: Decoder
 
 
-def _proxy_config(reward_specs, decoder_name: str, prefix: str) -> _ProxyConfig:
+async def _proxy_config(reward_specs, decoder_name: str, prefix: str) -> _ProxyConfig:
     rewards = []
     for i, spec in enumerate(reward_specs):
         if not spec.name:
@@ -47,17 +54,29 @@ def _proxy_config(reward_specs, decoder_name: str, prefix: str) -> _ProxyConfig:
         if not math.isfinite(spec.weight):
             raise InvalidArgument(f"{prefix}proxy_rewards[{i}].weight: expected a finite number, got {spec.weight}")
         rewards.append((spec.name, spec.weight))
-    return _ProxyConfig(tuple(rewards), f"{prefix}proxy_rewards", get_decoder(decoder_name, f"{prefix}decoder"))
+    return _ProxyConfig(tuple(rewards), f"{prefix}proxy_rewards",
+                        await get_decoder_async(decoder_name, f"{prefix}decoder"))
 
 
 def _per_trajectory(values: list, n: int, field: str, what: str) -> list:
-    """One entry broadcast to the group, or one per trajectory."""
+    """One entry broadcast to the group (the same object n times: nothing is copied), or one per trajectory."""
     if len(values) == 1:
         return values * n
     if len(values) != n:
         raise InvalidArgument(f"{field}: expected 1 {what} (broadcast to the group) or {n} (one per trajectory), "
                               f"got {len(values)}")
     return values
+
+
+def check_whole_group_bytes(images: np.ndarray, group_size: int) -> None:
+    """A group-aware proxy scores a whole group in one upstream request: refuse a group whose
+    decoded images cannot fit in one, at its first part rather than after holding all of them."""
+    per_image = images[:1].nbytes
+    if group_size * per_image > WHOLE_GROUP_BYTES:
+        raise InvalidArgument(
+            f"checkpoint.group_size: a group-aware proxy reward scores a group in one request, but {group_size} "
+            f"decoded images of {per_image} bytes take {group_size * per_image} bytes, over the {WHOLE_GROUP_BYTES} "
+            "bytes one request may carry; use smaller groups or previews")
 
 
 class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
@@ -74,12 +93,16 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
             return check_scores(checkpoint.scores.values, n)
         if kind is None:
             raise InvalidArgument("checkpoint.proxy: expected previews (a Tensor) or scores, got neither")
-        images, prompts, metadata = await self._proxy_inputs(checkpoint, n, proxy)
-        return await self.scorer.score(images, prompts, metadata, proxy.rewards, request_id, whole_group)
+        images, prompts, metadata, reserved = await self._proxy_inputs(checkpoint, n, proxy)
+        try:
+            return await self.scorer.score(images, prompts, metadata, proxy.rewards, request_id, whole_group)
+        finally:
+            unreserve(reserved)
 
-    async def _proxy_inputs(self, checkpoint, n: int, proxy: _ProxyConfig) -> tuple[np.ndarray, list, list]:
+    async def _proxy_inputs(self, checkpoint, n: int, proxy: _ProxyConfig) -> tuple[np.ndarray, list, list, int]:
         """A previews checkpoint's decoded uint8 images, prompts and metadata (each image's ``group``:
-        the checkpoint's group_id, for group-aware proxy rewards)."""
+        the checkpoint's group_id, for group-aware proxy rewards), and the bytes reserved in the
+        memory budget for the text the upstream requests will carry (``unreserve`` them once scored)."""
         if not proxy.rewards:
             raise InvalidArgument(f"{proxy.rewards_field}: expected at least one reward to score checkpoint.previews, "
                                   "got none")
@@ -88,13 +111,27 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
             raise InvalidArgument(f"checkpoint.previews.shape: expected {n} previews (one per trajectory id), "
                                   f"got {previews.shape[0]}")
         codec.finite_or_raise(previews, "checkpoint.previews")
-        prompts = _per_trajectory(list(checkpoint.prompts), n, "checkpoint.prompts", "prompt")
-        metadata = [dict(m.fields) for m in checkpoint.metadata]
+        # counts first: nothing is copied out of a checkpoint whose lists do not match its ids
+        check_count(len(checkpoint.prompts), (1, n), "checkpoint.prompts", "prompts (1: broadcast to the group, "
+                    f"{n}: one per trajectory)")
+        check_count(len(checkpoint.metadata), (0, 1, n), "checkpoint.metadata", "entries (1: broadcast to the group, "
+                    f"{n}: one per trajectory)")
+        prompts = _per_trajectory(texts(checkpoint.prompts, "checkpoint.prompts"), n, "checkpoint.prompts", "prompt")
+        metadata = metadata_dicts(checkpoint.metadata, "checkpoint.metadata")
         metadata = _per_trajectory(metadata, n, "checkpoint.metadata", "entry") if metadata else [{}] * n
         metadata = [{**m, GROUP_KEY: checkpoint.group_id} for m in metadata]
+        # One prompt or entry broadcast to every trajectory is copied into each upstream request (and
+        # its serialization): budget what is built, not what was received.
+        text = sum(map(len, prompts)) + sum(len(k) + len(v) for m in metadata for k, v in m.items())
+        reserved = UPSTREAM_COPIES * text
+        await reserve(reserved, "checkpoint.prompts/metadata broadcast to the group")
         # Off the event loop: a latent decoder (VAE) takes real compute.
-        images = await asyncio.to_thread(proxy.decoder, previews, "checkpoint.previews")
-        return images, prompts, metadata
+        try:
+            images = await asyncio.to_thread(proxy.decoder, previews, "checkpoint.previews")
+        except BaseException:
+            unreserve(reserved)
+            raise
+        return images, prompts, metadata, reserved
 
     async def _whole_group(self, checkpoint, proxy: _ProxyConfig) -> bool:
         """Whether this checkpoint's previews must be scored as one whole group (a group-aware proxy)."""
@@ -126,9 +163,10 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         if first.WhichOneof("message") != "open":
             raise FailedPrecondition(f"first message must be 'open', got {first.WhichOneof('message')!r}")
         opened = first.open
+        check_id(opened.rollout_id, "open.rollout_id")  # logged below: bounded first
         session = RolloutSession.create([(c.step, c.keep) for c in opened.schedule], opened.num_steps,
                                         opened.strategy, opened.seed, opened.rollout_id)
-        proxy = _proxy_config(opened.proxy_rewards, opened.decoder, "open.")
+        proxy = await _proxy_config(opened.proxy_rewards, opened.decoder, "open.")
         rollout = opened.rollout_id or "<unnamed>"
         self.active_sessions += 1
         decisions = parts = 0
@@ -148,16 +186,27 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
                 if await self._whole_group(checkpoint, proxy):
                     # A group-aware proxy scores each preview against its whole group: the parts'
                     # decoded images wait in the session until the last part, then go in one request.
-                    inputs = await self._proxy_inputs(checkpoint, len(ids), proxy)
+                    images, prompts, metadata, reserved = await self._proxy_inputs(checkpoint, len(ids), proxy)
+                    held = reserved + images.nbytes  # until the group's last part: in the budget meanwhile
+                    try:
+                        check_whole_group_bytes(images, checkpoint.group_size or len(ids))
+                        await reserve(images.nbytes, "checkpoint.previews (parts held until the group is complete)")
+                        collected = session.collect(checkpoint.group_id, checkpoint.step, ids, checkpoint.group_size,
+                                                    part_shape, (images, prompts, metadata, held))
+                    except BaseException:
+                        unreserve(held)
+                        raise
                     parts += 1
-                    collected = session.collect(checkpoint.group_id, checkpoint.step, ids, checkpoint.group_size,
-                                                part_shape, inputs)
                     decision = None
                     if collected is not None:
                         payloads = collected.payloads
-                        scores = await self.scorer.score(
-                            np.concatenate([part[0] for part in payloads]), [p for part in payloads for p in part[1]],
-                            [m for part in payloads for m in part[2]], proxy.rewards, request_id, whole_group=True)
+                        try:
+                            scores = await self.scorer.score(
+                                np.concatenate([part[0] for part in payloads]),
+                                [p for part in payloads for p in part[1]], [m for part in payloads for m in part[2]],
+                                proxy.rewards, request_id, whole_group=True)
+                        finally:
+                            unreserve(sum(part[3] for part in payloads))
                         decision = session.finish(checkpoint.group_id, collected, scores)
                 else:
                     if len(ids) < checkpoint.group_size:  # one of several parts: tell them apart upstream
@@ -200,7 +249,7 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
             raise InvalidArgument(f"keep: expected 1 <= keep <= {len(ids)} (the number of trajectory ids), "
                                   f"got {request.keep}")
         strategy_or_raise(request.strategy, "strategy")
-        proxy = _proxy_config(request.proxy_rewards, request.decoder, "")
+        proxy = await _proxy_config(request.proxy_rewards, request.decoder, "")
         request_id = f"prune/{checkpoint.group_id}/step{checkpoint.step}"
         scores = await self._proxy_scores(checkpoint, len(ids), proxy, request_id,
                                           whole_group=await self._whole_group(checkpoint, proxy))

@@ -18,8 +18,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from epgrpo.services.common.errors import FailedPrecondition, InvalidArgument, show
+from epgrpo.services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, show
+from epgrpo.services.common.limits import check_id
 from epgrpo.services.pruner import ovf
+
+
+# Bounds on one stream's state: trajectories per group, groups per rollout (a rollout has a few dozen).
+MAX_GROUP_SIZE = 4096
+MAX_GROUPS = 4096
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,9 @@ def _shape_text(shape: tuple[int, ...] | None) -> str:
 
 
 def check_ids(trajectory_ids: Sequence[int], field: str = "checkpoint.trajectory_ids") -> list[int]:
+    if len(trajectory_ids) > MAX_GROUP_SIZE:  # counted before anything is copied
+        raise InvalidArgument(f"{field}: expected at most {MAX_GROUP_SIZE} ids (trajectories of one group), "
+                              f"got {len(trajectory_ids)}")
     ids = [int(i) for i in trajectory_ids]
     if len(set(ids)) != len(ids):
         seen: set[int] = set()
@@ -238,10 +247,15 @@ class RolloutSession:
         """
         if not group_id:
             raise InvalidArgument("checkpoint.group_id: expected a non-empty id")
+        check_id(group_id, "checkpoint.group_id")
         group_size = int(group_size)
-        if group_size < 0:
-            raise InvalidArgument(f"checkpoint.group_size: expected >= 0 (0: this message is the whole group), "
-                                  f"got {group_size}")
+        if not 0 <= group_size <= MAX_GROUP_SIZE:
+            raise InvalidArgument(f"checkpoint.group_size: expected 0 to {MAX_GROUP_SIZE} (0: this message is the "
+                                  f"whole group), got {group_size}")
+        if group_id not in self._groups and group_id not in self._pending and \
+                len(self._groups) + len(self._pending) >= MAX_GROUPS:
+            raise ResourceExhausted(f"checkpoint.group_id: this rollout has {MAX_GROUPS} groups already, the most "
+                                    "one stream may hold; open another rollout")
         state = self._groups.get(group_id, _GroupState())
         pending = self._pending.get(group_id)
         if pending is not None:

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto",
                         help="where models run: auto (cuda when available), cpu, or cuda[:index] (default %(default)s)")
     env_option(parser, "--workers", env="EPGRPO_REWARD_WORKERS", type=int, default=1,
-               help="threads scoring requests in parallel (default %(default)s); CPU rewards that release the GIL "
+               help="threads scoring requests in parallel per CPU reward (default %(default)s); CPU rewards that release the GIL "
                     "(jpeg_*) use one core each; model rewards still run one call at a time")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="intra-op CPU threads for torch models (default 0: $OMP_NUM_THREADS when set, else "

@@ -11,11 +11,15 @@ batchers as ``RewardService.Score``. Only the six KServe v2 RPCs exist; Triton-o
 
 from __future__ import annotations
 
+import asyncio
+import math
+
 import numpy as np
 
 from epgrpo.protos.codec import WireError
 from epgrpo.protos.oip_codec import decode_tensor
 from epgrpo.protos.v1 import oip_pb2, oip_pb2_grpc
+from epgrpo.services.common.admission import reserve
 from epgrpo.services.common.errors import InvalidArgument, NotFound, show
 from epgrpo.services.common.server import map_errors
 from epgrpo.services.reward.servicer import RewardServicer
@@ -84,7 +88,10 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
             if output.name != SCORE:
                 raise InvalidArgument(f"outputs[{i}].name: model {name!r} has one output, {SCORE}; "
                                       f"got {show(output.name)}")
-        images, prompts, groups = self._inputs(request)
+        typed = self.typed_elements(request)
+        if typed:  # typed contents expand ~8x while decoded (raw contents do not): budget that
+            await reserve(16 * typed, "inputs[].contents")
+        images, prompts, groups = await asyncio.to_thread(self._inputs, request)  # off the loop: ~0.1 s per M
         metadata = [{"group": g} for g in groups] if groups is not None else []
         _, per_reward = await self.rewards.compute(images, prompts, metadata, [(name, 1.0)])
         scores = per_reward[0][2].astype("<f4")
@@ -99,7 +106,9 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
             raise InvalidArgument(f"raw_input_contents: expected one entry per input ({len(request.inputs)}), got {len(raw)}")
-        tensors = {}
+        # Names, datatypes and shapes first: nothing is decoded from a request whose PROMPTS or
+        # GROUP do not hold one element per image.
+        order = {}
         for i, tensor in enumerate(request.inputs):
             if tensor.name not in (IMAGES, PROMPTS, GROUP):
                 raise InvalidArgument(f"inputs[{i}].name: expected {IMAGES}, {PROMPTS} or {GROUP}, got {show(tensor.name)}")
@@ -107,18 +116,35 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
             if tensor.datatype != expected:
                 raise InvalidArgument(f"inputs[{i}].datatype: {tensor.name} must be {expected}, "
                                       f"got {show(tensor.datatype)}")
+            order[tensor.name] = i
+        if IMAGES not in order:
+            raise InvalidArgument(f"inputs: expected an input named {IMAGES} (UINT8 [N, H, W, C])")
+        shape = list(request.inputs[order[IMAGES]].shape)
+        if len(shape) != 4:
+            raise InvalidArgument(f"{IMAGES}.shape: expected [N, H, W, C], got {shape}")
+        for name in (PROMPTS, GROUP):
+            if name in order and list(request.inputs[order[name]].shape) != shape[:1]:
+                given = list(request.inputs[order[name]].shape)
+                raise InvalidArgument(f"{name}: expected {shape[0]} elements (one per image), got "
+                                      f"{math.prod(given)} (shape {show(given)})")
+        tensors = {}
+        for name, i in sorted(order.items(), key=lambda item: item[0] != IMAGES):
+            tensor = request.inputs[i]
             try:
-                tensors[tensor.name] = decode_tensor(tensor.name, tensor.datatype, list(tensor.shape),
-                                                     raw[i] if raw else None, tensor.contents)
+                tensors[name] = decode_tensor(tensor.name, tensor.datatype, list(tensor.shape),
+                                              raw[i] if raw else None, tensor.contents)
             except WireError as exc:
                 raise InvalidArgument(f"inputs[{i}] ({exc})") from None
-        if IMAGES not in tensors:
-            raise InvalidArgument(f"inputs: expected an input named {IMAGES} (UINT8 [N, H, W, C])")
         images = tensors[IMAGES]
-        if images.ndim != 4:
-            raise InvalidArgument(f"{IMAGES}.shape: expected [N, H, W, C], got {list(images.shape)}")
         prompts = _strings(tensors, PROMPTS, len(images))
         return images, prompts if prompts is not None else [""] * len(images), _strings(tensors, GROUP, len(images))
+
+    @staticmethod
+    def typed_elements(request: oip_pb2.ModelInferRequest) -> int:
+        """Elements sent as typed contents (each becomes an 8-byte integer while it is decoded)."""
+        if request.raw_input_contents:
+            return 0
+        return sum(len(t.contents.uint_contents) + len(t.contents.bytes_contents) for t in request.inputs)
 
 
 def _strings(tensors: dict, name: str, count: int) -> list[str] | None:

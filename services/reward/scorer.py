@@ -37,6 +37,14 @@ class RewardScorer:
         """name / description / inputs / range of every served reward, by name."""
         return [{**self.backends[name].info(), "name": name} for name in sorted(self.backends)]
 
+    def check_size(self, n: int) -> None:
+        """ResourceExhausted (not retryable: the request must be split) over ``max_batch`` images."""
+        if n > self.max_batch:
+            raise ResourceExhausted(
+                f"images.shape: batch of {n} images exceeds this instance's limit of {self.max_batch}; "
+                "split the request"
+            )
+
     def validate(
         self,
         images: np.ndarray,
@@ -45,12 +53,8 @@ class RewardScorer:
         specs: Sequence[tuple[str, float]],
     ) -> list[dict[str, str]]:
         """Raises InvalidArgument / ResourceExhausted naming the field; returns per-image metadata."""
+        self.check_size(len(images))
         metadata = check_batch(images, prompts, metadata)
-        if len(images) > self.max_batch:
-            raise ResourceExhausted(
-                f"images.shape: batch of {len(images)} images exceeds this instance's limit of {self.max_batch}; "
-                "split the request"
-            )
         if not specs:
             raise InvalidArgument("rewards: expected at least one reward spec (name and weight)")
         seen: dict[str, int] = {}

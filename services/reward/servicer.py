@@ -13,6 +13,7 @@ import grpc
 
 from epgrpo.protos.codec import to_numpy
 from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc
+from epgrpo.services.common.limits import check_count, check_id, metadata_dicts, texts
 from epgrpo.services.common.server import map_errors
 from epgrpo.services.reward import metrics as _metrics  # noqa: F401 - registers this service's metric extractors
 from epgrpo.services.reward.batching import DynamicBatcher
@@ -24,29 +25,48 @@ log = logging.getLogger("epgrpo.reward.servicer")
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
 
+NETWORK_THREADS = 8  # threads of a reward that waits on the network (RewardBackend.waits_on_network)
+
+
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, scorer: RewardScorer, batching: BatchingConfig | None = None, workers: int = 1):
         self.scorer = scorer
-        # Scoring runs off the event loop (which stays free for health checks and other RPCs) on
-        # ``workers`` threads; the scorer keeps models one call at a time, so only backends marked
-        # ``concurrent`` (CPU work that releases the GIL) score several requests in parallel.
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward-scorer")
+        # Scoring runs off the event loop (which stays free for health checks and other RPCs), on a
+        # thread pool per reward, so a slow reward (a remote judge, a large group) never delays the
+        # others: one thread for model rewards (the scorer keeps models one call at a time),
+        # ``workers`` for ``concurrent`` CPU rewards, NETWORK_THREADS for rewards that wait on the
+        # network. A request cancelled while queued never runs.
+        self._executors = {name: ThreadPoolExecutor(max_workers=self._threads(backend, workers),
+                                                    thread_name_prefix=f"reward-{name}")
+                           for name, backend in scorer.backends.items()}
         self.batchers: dict[str, DynamicBatcher] = {}
         if batching is not None and batching.enabled:
             # Not for group-aware backends: they are called once per group anyway (merging would save
             # no model call), and a merged batch could join two requests' groups of the same name.
             self.batchers = {
                 name: DynamicBatcher(functools.partial(scorer.run_backend, name), batching.max_size,
-                                     batching.max_delay_ms / 1000.0, self._executor, name=name)
+                                     batching.max_delay_ms / 1000.0, self._executors[name], name=name)
                 for name, backend in scorer.backends.items() if not backend.group_aware
             }
+
+    @staticmethod
+    def _threads(backend, workers: int) -> int:
+        if not backend.concurrent:
+            return 1
+        return max(workers, NETWORK_THREADS) if backend.waits_on_network else workers
 
     @map_errors
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
         start = time.perf_counter()
         images = to_numpy(request.images, "images", dtypes=("uint8",), ndim=4)
-        prompts = list(request.prompts)
-        metadata = [dict(m.fields) for m in request.metadata]
+        # counts first: nothing is copied out of a request whose lists do not match its images
+        n = len(images)
+        self.scorer.check_size(n)
+        check_count(len(request.prompts), (n,), "prompts", "prompts (one per image)")
+        check_count(len(request.metadata), (0, n), "metadata", "entries (one per image)")
+        check_id(request.request_id, "request_id")
+        prompts = texts(request.prompts, "prompts")
+        metadata = metadata_dicts(request.metadata, "metadata")
         specs = [(spec.name, spec.weight) for spec in request.rewards]
         combined, per_reward = await self.compute(images, prompts, metadata, specs)
         response = reward_pb2.ScoreResponse(scores=combined.tolist())
@@ -63,14 +83,16 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         """``RewardScorer.score`` off the event loop, through the batchers when batching is on.
         (The OIP front calls this too, so its requests batch together with ours.)"""
         loop = asyncio.get_running_loop()
-        if self.batchers:
-            metadata = self.scorer.validate(images, prompts, metadata, specs)  # cheap: on the loop
-            raws = await asyncio.gather(*(
-                self.batchers[name].submit(images, prompts, metadata) if name in self.batchers else
-                loop.run_in_executor(self._executor, self.scorer.run_backend, name, images, prompts, metadata)
-                for name, _ in specs))
-            return self.scorer.combine(specs, raws)
-        return await loop.run_in_executor(self._executor, self.scorer.score, images, prompts, metadata, specs)
+        metadata = self.scorer.validate(images, prompts, metadata, specs)  # cheap: on the loop
+
+        def alone(name: str, weight: float):  # one reward, in its own pool
+            return self.scorer.score(images, prompts, metadata, [(name, weight)])[1][0][2]
+
+        raws = await asyncio.gather(*(
+            self.batchers[name].submit(images, prompts, metadata) if name in self.batchers else
+            loop.run_in_executor(self._executors[name], alone, name, weight)
+            for name, weight in specs))
+        return self.scorer.combine(specs, raws)
 
     @map_errors
     async def ListRewards(self, request: reward_pb2.ListRewardsRequest, context) -> reward_pb2.ListRewardsResponse:
@@ -79,4 +101,5 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)

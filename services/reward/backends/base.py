@@ -83,6 +83,9 @@ class RewardBackend(abc.ABC):
     #: safe to call from several threads at once, with work that releases the GIL (CPU backends such
     #: as JPEG): ``epgrpo-reward --workers N`` then scores N requests in parallel. Others run one at a time.
     concurrent: ClassVar[bool] = False
+    #: spends its time waiting on the network (a remote judge): scored on a pool of its own with
+    #: ``NETWORK_THREADS`` threads (with ``concurrent``), so a slow answer never delays other rewards.
+    waits_on_network: ClassVar[bool] = False
     #: scores an image relative to the others of its group: ``_score`` gets one whole group per call
     #: (see the module docstring), and clients must never split a group across requests.
     group_aware: ClassVar[bool] = False

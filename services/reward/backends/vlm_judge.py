@@ -80,6 +80,10 @@ class VlmJudge(RewardBackend):
     range = "[0, 1]"
 
     pairwise = False  # one image per question (vlm_pairwise: two)
+    # Waits on HTTP answers (urllib releases the GIL) with immutable settings: requests run side by
+    # side on their own pool instead of queueing behind one another and behind the other rewards.
+    concurrent = True
+    waits_on_network = True
 
     def __init__(self, device: str = "cpu", url: str | None = None, model: str = "", prompt_template: str | None = None,
                  pattern: str | None = None, score_min: float | None = None, score_max: float | None = None,
