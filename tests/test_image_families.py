@@ -39,12 +39,34 @@ class Family:
     stock_kwargs: Callable[[float], dict]  # the stock call's guidance arguments for a guidance scale
     latent_shape: tuple[int, int, int]
     lora_modules: tuple[str, ...]  # adapted modules the reference trainers adapt too
+    stock_noise: Callable  # (pipe, our unpacked noise) -> the stock call's `latents`
+    stock_latents: Callable  # (pipe, our final latents) -> what the stock call returns with output_type="latent"
 
 
 def _qwen_image_builder(directory: Path) -> Path:
     from tiny_qwen_image import build_tiny_qwen_image
 
     return build_tiny_qwen_image(directory)
+
+
+def _flux2_klein_builder(directory: Path) -> Path:
+    from tiny_flux2_klein import build_tiny_flux2_klein
+
+    return build_tiny_flux2_klein(directory)
+
+
+def _qwen_pack(pipe, x: torch.Tensor) -> torch.Tensor:
+    """QwenImagePipeline's token packing, transcribed: [B, C, h, w] -> [B, h/2 w/2, 4C], (c, dy, dx) per token."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 2 * w // 2, 4 * c)
+
+
+def _flux2_denormalised(pipe, x: torch.Tensor) -> torch.Tensor:
+    """Flux2KleinPipeline's latent output, transcribed: batch-norm statistics undone, 2x2 patches unfolded."""
+    bn = pipe.vae.bn
+    x = x * torch.sqrt(bn.running_var + pipe.vae.config.batch_norm_eps).view(1, -1, 1, 1) + bn.running_mean.view(1, -1, 1, 1)
+    b, c, h, w = x.shape
+    return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
 
 
 FAMILIES = {
@@ -55,7 +77,16 @@ FAMILIES = {
         {"true_cfg_scale": 1.0, "max_sequence_length": 512},
         (4, 16, 16),
         ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.attn.add_k_proj",
-         "transformer_blocks.0.img_mlp.net.2", "transformer_blocks.1.txt_mlp.net.0.proj")),
+         "transformer_blocks.0.img_mlp.net.2", "transformer_blocks.1.txt_mlp.net.0.proj"),
+        _qwen_pack, _qwen_pack),
+    "flux2_klein": Family(
+        "flux2_klein", "Flux2KleinPipeline", "Flux2Transformer2DModel", _flux2_klein_builder,
+        {"max_sequence_length": 64}, 3.0,
+        lambda g: {"guidance_scale": g, "max_sequence_length": 64},
+        (16, 8, 8),
+        ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.add_v_proj",
+         "single_transformer_blocks.0.attn.to_qkv_mlp_proj"),
+        lambda pipe, x: x, _flux2_denormalised),
 }
 NAMES = list(FAMILIES)
 
@@ -101,8 +132,8 @@ def seed_noise(latent_shape) -> torch.Tensor:
 
 
 def stock_sample(family: Family, pipe, policy, output_type: str, guidance: float):
-    return pipe(PROMPTS, num_inference_steps=STEPS, height=SIDE, width=SIDE, output_type=output_type,
-                latents=policy.pack(seed_noise(policy.latent_shape)), **family.stock_kwargs(guidance)).images
+    return pipe(prompt=PROMPTS, num_inference_steps=STEPS, height=SIDE, width=SIDE, output_type=output_type,
+                latents=family.stock_noise(pipe, seed_noise(policy.latent_shape)), **family.stock_kwargs(guidance)).images
 
 
 def to_uint8(images01: np.ndarray) -> np.ndarray:
@@ -126,7 +157,7 @@ def test_ode_sampling_equals_the_stock_pipeline(name, guided, family_dirs):
     pipe = load_stock(family, path)
     stock = stock_sample(family, pipe, policy, "latent", guidance)
     # the same operations in the same order: the same bits
-    torch.testing.assert_close(policy.pack(latents), stock, rtol=0, atol=0)
+    torch.testing.assert_close(family.stock_latents(pipe, latents), stock, rtol=0, atol=0)
     torch.testing.assert_close(pipe.scheduler.sigmas, sampler.sigmas, rtol=0, atol=0)  # the pipeline's grid
     images = policy.decode(latents)
     assert images.dtype == np.uint8 and images.shape == (2, SIDE, SIDE, 3)
@@ -182,7 +213,7 @@ def test_lora_trains_exports_and_the_stock_pipeline_reproduces_its_sample(name, 
     pipe.load_lora_weights(exported)
     loaded = stock_sample(family, pipe, policy, "latent", 1.0)
     # the trained sample: without the saved alpha diffusers would scale the LoRA differently
-    torch.testing.assert_close(policy.unpack(loaded), trained, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loaded, family.stock_latents(pipe, trained), rtol=0, atol=1e-5)
     images = to_uint8(stock_sample(family, pipe, policy, "np", 1.0))
     assert np.abs(images.astype(int) - policy.decode(trained)).max() <= 1
 
@@ -195,15 +226,16 @@ def test_full_fine_tuning_exports_a_loadable_transformer_and_fsdp_wraps_its_bloc
 
     family = FAMILIES[name]
     policy = make_policy(family, family_dirs(name))
+    moved, _ = list(policy.transformer.named_parameters())[-1]  # the output projection
     with torch.no_grad():
-        policy.transformer.proj_out.bias.add_(0.5)  # stands in for training
+        policy.transformer.get_parameter(moved).add_(0.5)  # stands in for training
     (exported,) = policy.export(tmp_path)
     assert exported == tmp_path / "transformer"
     loaded = getattr(diffusers, family.transformer).from_pretrained(exported, local_files_only=True)
     for key, value in policy.transformer.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     with policy.reference():  # the frozen copy is untouched
-        assert not torch.equal(policy._active.proj_out.bias, policy.transformer.proj_out.bias)
+        assert not torch.equal(policy._active.get_parameter(moved), policy.transformer.get_parameter(moved))
     # FSDP's units: every block the model declares unsplittable, each on its own, and nothing else
     units = blocks(policy.transformer)
     declared = tuple(policy.transformer._no_split_modules)

@@ -177,4 +177,5 @@ def register_vae_decoder(name: str, path: str | Path, device: str = "auto", dtyp
 _VAE_DECODERS = {
     "AutoencoderKL": "",
     "AutoencoderKLQwenImage": "epgrpo.services.pruner.vae_families:QwenImageVaeDecoder",
+    "AutoencoderKLFlux2": "epgrpo.services.pruner.vae_families:Flux2VaeDecoder",
 }
