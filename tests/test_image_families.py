@@ -55,6 +55,12 @@ def _flux2_klein_builder(directory: Path) -> Path:
     return build_tiny_flux2_klein(directory)
 
 
+def _z_image_builder(directory: Path) -> Path:
+    from tiny_z_image import build_tiny_z_image
+
+    return build_tiny_z_image(directory)
+
+
 def _qwen_pack(pipe, x: torch.Tensor) -> torch.Tensor:
     """QwenImagePipeline's token packing, transcribed: [B, C, h, w] -> [B, h/2 w/2, 4C], (c, dy, dx) per token."""
     b, c, h, w = x.shape
@@ -72,8 +78,8 @@ def _flux2_denormalised(pipe, x: torch.Tensor) -> torch.Tensor:
 FAMILIES = {
     "qwen_image": Family(
         "qwen_image", "QwenImagePipeline", "QwenImageTransformer2DModel", _qwen_image_builder,
-        {"max_sequence_length": 512, "negative_prompt": " "}, 3.0,
-        lambda g: {"true_cfg_scale": g, "negative_prompt": " ", "max_sequence_length": 512} if g > 1 else
+        {"max_sequence_length": 512, "negative_prompt": "low quality"}, 3.0,
+        lambda g: {"true_cfg_scale": g, "negative_prompt": "low quality", "max_sequence_length": 512} if g > 1 else
         {"true_cfg_scale": 1.0, "max_sequence_length": 512},
         (4, 16, 16),
         ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.attn.add_k_proj",
@@ -87,6 +93,15 @@ FAMILIES = {
         ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.add_v_proj",
          "single_transformer_blocks.0.attn.to_qkv_mlp_proj"),
         lambda pipe, x: x, _flux2_denormalised),
+    "z_image": Family(
+        "z_image", "ZImagePipeline", "ZImageTransformer2DModel", _z_image_builder,
+        {"max_sequence_length": 64, "negative_prompt": "blurry"}, 3.0,
+        # the pipeline's guidance_scale is ours - 1 (0 = off)
+        lambda g: {"guidance_scale": g - 1.0, "negative_prompt": ["blurry"] * len(PROMPTS), "max_sequence_length": 64},
+        (4, 16, 16),
+        ("layers.0.attention.to_out.0", "layers.1.feed_forward.w2", "noise_refiner.0.attention.to_k",
+         "context_refiner.0.feed_forward.w3"),
+        lambda pipe, x: x, lambda pipe, x: x),
 }
 NAMES = list(FAMILIES)
 
@@ -132,7 +147,8 @@ def seed_noise(latent_shape) -> torch.Tensor:
 
 
 def stock_sample(family: Family, pipe, policy, output_type: str, guidance: float):
-    return pipe(prompt=PROMPTS, num_inference_steps=STEPS, height=SIDE, width=SIDE, output_type=output_type,
+    # a copy: ZImagePipeline writes the templated prompts into the list it is given
+    return pipe(prompt=list(PROMPTS), num_inference_steps=STEPS, height=SIDE, width=SIDE, output_type=output_type,
                 latents=family.stock_noise(pipe, seed_noise(policy.latent_shape)), **family.stock_kwargs(guidance)).images
 
 
@@ -259,7 +275,7 @@ def test_pruner_decoder_for_the_family_vae_equals_the_adapters_decode(name, fami
 
 
 def cli_args(family: Family, path, out, *extra):
-    model = [f"model.{k}={v}" for k, v in family.options.items() if k != "negative_prompt"]
+    model = [f"model.{k}={v}" for k, v in family.options.items()]
     return [f"model.name={family.name}", f"model.path={path}", "model.lora_rank=4", f"model.resolution={SIDE}",
             *model, "model.device=cpu", "sampling.num_steps=4", f"sampling.guidance_scale={family.guidance}",
             "reward.rewards=jpeg_compressibility:1", "reward.judge=", f"out_dir={out}", "progress=false", *extra]

@@ -58,8 +58,8 @@ class ModelConfig:
     true_cfg_scale: float = opt(1.0, "flux: true classifier-free guidance with an empty negative prompt (> 1 runs both "
                                 "branches: 2 NFE per sample); sampling.guidance_scale is FLUX's distilled guidance "
                                 "embedding (guidance-distilled checkpoints such as FLUX.1-dev)")
-    negative_prompt: str = opt(" ", "qwen_image: the negative prompt of its true classifier-free guidance "
-                               "(sampling.guidance_scale > 1; Qwen-Image's example uses \" \")")
+    negative_prompt: str = opt("", "qwen_image, z_image: the negative prompt of classifier-free guidance "
+                               "(sampling.guidance_scale > 1)")
     text_encoder_3: bool = opt(True, "sd3: load the T5 text encoder (false: zeros in its place, saves ~9 GiB)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, slower)")
     preview_decoder: str = opt("", "name of the pruner's decoder for x0-previews; empty = the adapter's default "

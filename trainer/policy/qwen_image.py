@@ -68,7 +68,7 @@ def check_resolution(resolution: int, vae_scale_factor: int | None, family: str)
 class QwenImagePolicy(LatentPipelinePolicy):
 
     def __init__(self, path: str, *, device: str = "cpu", dtype: str = "auto", guidance_scale: float = 4.0,
-                 negative_prompt: str = " ", resolution: int = 0, max_sequence_length: int = 512,
+                 negative_prompt: str = "", resolution: int = 0, max_sequence_length: int = 512,
                  lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets=None, gradient_checkpointing: bool = False,
                  preview_decoder: str = "", progress: bool = True):
         from diffusers import QwenImagePipeline
@@ -187,7 +187,7 @@ class QwenImagePolicy(LatentPipelinePolicy):
 
 @register_policy("qwen_image")
 def _qwen_image_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 4.0,
-                        negative_prompt: str = " ", resolution: int = 0, max_sequence_length: int = 128,
+                        negative_prompt: str = "", resolution: int = 0, max_sequence_length: int = 128,
                         lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets: str = "",
                         gradient_checkpointing: bool = False, preview_decoder: str = "", progress: bool = True):
     return QwenImagePolicy(path, device=device, dtype=dtype, guidance_scale=guidance_scale,
