@@ -310,3 +310,48 @@ def test_cli_expand_prune_with_launched_services_and_analyze(name, family_dirs, 
     result = json.loads((analysis / "analysis.json").read_text())
     assert [g["prompt"] for g in result["clustering"]["groups"]] == ["a red cat", "a blue dog"]
     assert len(result["fidelity"]["per_step"]) == 3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_errors_name_their_key(name, family_dirs, tmp_path, capsys):
+    from unittest import mock
+
+    import diffusers
+
+    from epgrpo.trainer.cli import main
+
+    family, path = FAMILIES[name], family_dirs(name)
+    with pytest.raises(ValueError, match=f"model.path: the {name} model needs"):
+        create_policy(name)
+    with mock.patch.object(getattr(diffusers, family.pipeline), "from_pretrained",
+                           side_effect=AssertionError("loaded the model")):
+        with pytest.raises(ValueError, match=r"model.resolution: expected a multiple of 4 .* got 30"):
+            make_policy(family, path, resolution=30)  # a local directory: checked before loading
+        with pytest.raises(ValueError, match="sampling.guidance_scale: expected a finite number >= 1"):
+            make_policy(family, path, guidance_scale=0.5)
+        with pytest.raises(ValueError, match="model.max_sequence_length: expected 1.."):
+            make_policy(family, path, max_sequence_length=5000)
+    capsys.readouterr()
+    out = tmp_path / "run"  # through the CLI: one line, exit code 2, no service started
+    assert main(["train", *cli_args(family, path, out, "prune.steps=[2]", "prune.keeps=[2]", "prune.group_size=4",
+                                    "model.resolution=30")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("epgrpo: error: model.resolution:"), err
+    assert not (out / "services").exists()
+
+
+def test_step_distilled_flux2_klein_samples_without_guidance_and_refuses_it(tmp_path):
+    """klein's distilled checkpoints (is_distilled) run one call per step; a guidance scale would be
+    silently ignored by the pipeline, so the adapter refuses it."""
+    from tiny_flux2_klein import build_tiny_flux2_klein
+
+    family = FAMILIES["flux2_klein"]
+    path = build_tiny_flux2_klein(tmp_path / "distilled", is_distilled=True)
+    with pytest.raises(ValueError, match="sampling.guidance_scale: .* is step-distilled"):
+        make_policy(family, path, guidance_scale=3.0)
+    policy = make_policy(family, path)
+    assert policy.nfe_per_sample == 1
+    latents = sample_ode(policy, PROMPTS, SEEDS, policy.make_sampler(STEPS, SamplerOptions()))
+    pipe = load_stock(family, path)
+    stock = stock_sample(family, pipe, policy, "latent", 4.0)  # the pipeline's default guidance, ignored
+    torch.testing.assert_close(family.stock_latents(pipe, latents), stock, rtol=0, atol=0)
