@@ -355,3 +355,22 @@ def test_step_distilled_flux2_klein_samples_without_guidance_and_refuses_it(tmp_
     pipe = load_stock(family, path)
     stock = stock_sample(family, pipe, policy, "latent", 4.0)  # the pipeline's default guidance, ignored
     torch.testing.assert_close(family.stock_latents(pipe, latents), stock, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config_name, name, schedule_, nfe", [
+    ("qwen_image_pickscore", "qwen_image", [(5, 24), (7, 12)], 2 * (48 * 6 + 24 * 2 + 12 * 2)),
+    ("flux2_klein_pickscore", "flux2_klein", [(5, 24), (7, 12)], 2 * (48 * 6 + 24 * 2 + 12 * 2)),
+    ("z_image_turbo_pickscore", "z_image", [(2, 16), (4, 8)], 32 * 3 + 16 * 2 + 8 * 3)])
+def test_example_configs_validate_with_the_nfe_their_comments_state(config_name, name, schedule_, nfe):
+    from epgrpo.trainer.config import ModelConfig, load_config, schedule
+    from epgrpo.trainer.policy.base import check_policy_options
+
+    config = load_config(Path(__file__).resolve().parents[1] / "trainer" / "configs" / f"{config_name}.yaml", [])
+    assert config.model.name == name and schedule(config) == schedule_ and config.model.resolution == 1024
+    options = {k: v for k, v in vars(config.model).items()
+               if k not in ("name", "preview_vae") and v != getattr(ModelConfig(), k)}
+    check_policy_options(name, {**options, "guidance_scale": config.sampling.guidance_scale})  # loads no model
+    steps, cfg = config.sampling.num_steps, 2 if config.sampling.guidance_scale > 1 else 1
+    (s1, k1), (s2, k2) = schedule(config)
+    survivors = [config.prune.group_size if i <= s1 else k1 if i <= s2 else k2 for i in range(steps)]
+    assert cfg * sum(survivors) == nfe
