@@ -274,6 +274,16 @@ def test_pruner_decoder_for_the_family_vae_equals_the_adapters_decode(name, fami
     assert decoded.std() > 0
 
 
+def test_a_vae_class_without_a_decoder_is_refused_naming_it(tmp_path):
+    from epgrpo.services.pruner.decode import register_vae_decoder
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLSomethingNew"}))
+    with pytest.raises(ValueError, match=r"--vae x=.*: no preview decoder for a AutoencoderKLSomethingNew; known: "
+                                         r"AutoencoderKL, .*AutoencoderKLQwenImage"):
+        register_vae_decoder("x", tmp_path)
+
+
 def cli_args(family: Family, path, out, *extra):
     model = [f"model.{k}={v}" for k, v in family.options.items()]
     return [f"model.name={family.name}", f"model.path={path}", "model.lora_rank=4", f"model.resolution={SIDE}",
@@ -374,3 +384,27 @@ def test_example_configs_validate_with_the_nfe_their_comments_state(config_name,
     (s1, k1), (s2, k2) = schedule(config)
     survivors = [config.prune.group_size if i <= s1 else k1 if i <= s2 else k2 for i in range(steps)]
     assert cfg * sum(survivors) == nfe
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_ranks_shards_every_family_and_matches_the_unsharded_model(family_dirs, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    worker = Path(__file__).with_name("fsdp_family_worker.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+         str(worker), str(tmp_path / "record"), *(f"{n}={family_dirs(n)}" for n in NAMES)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    ranks = [json.loads((tmp_path / "record" / f"rank{r}.json").read_text()) for r in range(2)]
+    for name in NAMES:
+        facts = [r[name] for r in ranks]
+        full = facts[0]["full"]
+        assert facts[0]["local"] + facts[1]["local"] == full  # every weight on exactly one rank
+        assert all(abs(f["local"] - full / 2) <= 0.05 * full for f in facts), (name, facts)  # about half each
+        for f in facts:  # the sharded policy and reference compute the unsharded velocity
+            assert f["predict_diff"] < 1e-5 and f["reference_diff"] < 1e-5, (name, f)
+        assert facts[0]["step_diff"] < 1e-5, (name, facts[0])  # and take the same SGD step
