@@ -4,7 +4,7 @@ no GPU and no weights here). The networks are built on the meta device from the 
 for those configs; the memory model on top of them is an estimate:
 
 - LoRA: frozen transformer, text encoder and VAE in bf16 (2 B/param; the text encoder stays
-  resident), the LoRA weights in fp32 with their gradient and AdamW moments (16 B/param);
+  resident), the LoRA weights in fp32 with their gradient, AdamW moments and EMA (20 B/param);
 - full fine-tuning: fp32 weights, gradients and AdamW moments (16 B/param), the frozen reference in
   bf16 (2 B/param) and the EMA shadow in fp32 (4 B/param), alone or FSDP-sharded over 8 GPUs;
 - activations of one training forward with gradient checkpointing: each block's input kept
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
         n_blocks = len(blocks(transformer))
         activations = args.train_batch * tokens * width(transformer) * 2 * (n_blocks + 24)
         frozen = 2 * (n_text + n_vae)
-        lora = 2 * n_t + frozen + 16 * n_lora + activations
+        lora = 2 * n_t + frozen + 20 * n_lora + activations
         full_state = (16 + 2 + 4) * n_t
         full = full_state + frozen + activations
         sharded = full_state / args.gpus + frozen + activations
