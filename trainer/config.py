@@ -34,7 +34,7 @@ def opt(default, help: str):
 @dataclass
 class ModelConfig:
     name: str = opt("toy_digits", "policy adapter: toy_digits (flow) | toy_digits_ddpm (diffusion, DDIM) | sd3 | "
-                    "sd (SD 1.x/2.x, DDIM) | flux | package.module:name (a plugin module that registers its adapter "
+                    "sd (SD 1.x/2.x, DDIM) | flux | qwen_image | flux2_klein | z_image (docs/models.md) | package.module:name (a plugin module that registers its adapter "
                     "with epgrpo.trainer.policy.base.register_policy). Each family takes only the options below "
                     "marked for it (the toys: path, pretrain_steps, lora_*; every family: device, dtype, "
                     "preview_decoder); setting another family's option stops the run before any model loads")
@@ -55,12 +55,15 @@ class ModelConfig:
                      "weights stay fp32 and SDE log-probs are computed in fp32")
     resolution: int = opt(0, "sd3, sd, flux: image side in pixels; 0 = the model's default (1024 for SD3.5-M and "
                           "FLUX.1, 512 for SD 1.4; Flow-GRPO trains at 512)")
-    max_sequence_length: int = opt(0, "sd3, flux: T5 tokens per prompt; 0 = the stock pipeline's (sd3 256, flux "
-                                   "512), so exported weights meet the conditioning they were trained with; the count "
-                                   "is also written next to the exported weights (sampling.json)")
+    max_sequence_length: int = opt(0, "sd3, flux: T5 tokens per prompt; qwen_image, flux2_klein, z_image: Qwen text "
+                                   "tokens; 0 = the stock pipeline's (sd3 256, flux 512, qwen_image 512, flux2_klein "
+                                   "512, z_image 512), so exported weights meet the conditioning they were trained "
+                                   "with; the count is also written next to the exported weights (sampling.json)")
     true_cfg_scale: float = opt(1.0, "flux: true classifier-free guidance with an empty negative prompt (> 1 runs both "
                                 "branches: 2 NFE per sample); sampling.guidance_scale is FLUX's distilled guidance "
                                 "embedding (guidance-distilled checkpoints such as FLUX.1-dev)")
+    negative_prompt: str = opt("", "qwen_image, z_image: the negative prompt of classifier-free guidance "
+                               "(sampling.guidance_scale > 1)")
     text_encoder_3: bool = opt(True, "sd3: load the T5 text encoder (false: zeros in its place, saves ~9 GiB)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, slower)")
     preview_decoder: str = opt("", "name of the pruner's decoder for x0-previews; empty = the adapter's default "
@@ -85,7 +88,8 @@ class SamplingConfig:
                           "guidance); 0 = all of a rank's live trajectories at once")
     guidance_scale: float = opt(1.0, "classifier-free guidance scale (sd3, sd; > 1 runs both branches: 2 NFE per "
                                 "sample; Flow-GRPO uses 4.5, DDPO 5.0); flux: the distilled guidance embedding "
-                                "(FLUX.1-dev: 3.5; 1 NFE, see model.true_cfg_scale); the toy models have no guidance")
+                                "(FLUX.1-dev: 3.5; 1 NFE, see model.true_cfg_scale); qwen_image, flux2_klein, z_image: their "
+                                "pipeline's CFG (docs/models.md); the toy models have no guidance")
     sde_window_size: int = opt(0, "Flow-GRPO-Fast: only this many consecutive steps are stochastic (and trained), at a "
                                "random position per iteration; 0 = every step but the last")
     sde_window_range: list[int] = opt([], "[lo, hi]: the SDE window lies within steps lo..hi-1; empty = [0, num_steps // 2]")

@@ -14,6 +14,8 @@ the server's paths; the reason goes to the server log.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import json
 import logging
 import threading
 from pathlib import Path
@@ -127,7 +129,6 @@ class VaeDecoder:
 
     def __init__(self, path: str | Path, device: str = "auto", dtype: str = "auto", batch_size: int = 8):
         import torch
-        from diffusers import AutoencoderKL
 
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
@@ -137,15 +138,31 @@ class VaeDecoder:
             self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         path = Path(path)
         subfolder = "vae" if (path / "vae" / "config.json").is_file() else None  # a whole pipeline directory
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, local_files_only=True, torch_dtype=self.dtype)
+        self.vae = self.vae_class().from_pretrained(path, subfolder=subfolder, local_files_only=True,
+                                                    torch_dtype=self.dtype)
         self.vae.to(self.device).requires_grad_(False).eval()
         self.batch_size = batch_size
         self._lock = threading.Lock()  # one decode at a time: concurrent rollouts share the model
 
+    @staticmethod
+    def vae_class():
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    def images(self, z):
+        """Normalised latents -> images in [-1, 1] (the VAE's own normalisation undone first)."""
+        config = self.vae.config
+        return self.vae.decode(z / config.scaling_factor + (config.shift_factor or 0.0), return_dict=False)[0]
+
     def __call__(self, previews: np.ndarray, field: str = "previews") -> np.ndarray:
         import torch
 
-        channels = self.vae.config.latent_channels
+        channels = self.latent_channels
         if previews.ndim != 4 or previews.shape[1] != channels:
             raise InvalidArgument(f"{field}.shape: expected latents [N, {channels}, h, w] for the VAE decoder, "
                                   f"got {list(previews.shape)}")
@@ -153,11 +170,10 @@ class VaeDecoder:
             raise InvalidArgument(f"{field}.dtype: expected floats for the VAE decoder, got {previews.dtype}")
         if not np.isfinite(previews).all():
             raise InvalidArgument(f"{field}: latents contain NaN or inf")
-        config, out = self.vae.config, []
+        out = []
         with self._lock, torch.no_grad():
             for chunk in torch.from_numpy(np.array(previews, dtype=np.float32)).split(self.batch_size):  # a writable copy
-                z = chunk.to(self.device, self.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
-                image = self.vae.decode(z, return_dict=False)[0].float()
+                image = self.images(chunk.to(self.device, self.dtype)).float()
                 pixels = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
                 out.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
         return np.ascontiguousarray(np.concatenate(out))
@@ -175,9 +191,28 @@ def parse_vae_spec(spec: str) -> tuple[str, str]:
 
 def register_vae_decoder(name: str, path: str | Path, device: str = "auto", dtype: str = "auto") -> None:
     """Registers decoder ``name`` for the VAE in ``path`` (a VAE directory or a pipeline directory
-    with ``vae/``); checked now, loaded by :func:`load_decoders` or on first use."""
+    with ``vae/``); checked now, loaded by :func:`load_decoders` or on first use. The VAE's class
+    picks the decoder, i.e. how the family normalises its latents (``_VAE_DECODERS``)."""
     path = Path(path)
     if not ((path / "config.json").is_file() or (path / "vae" / "config.json").is_file()):
         raise ValueError(f"--vae {name}={path}: expected a diffusers VAE directory or a pipeline directory with vae/")
+    config = path / "config.json" if (path / "config.json").is_file() else path / "vae" / "config.json"
+    kind = json.loads(config.read_text()).get("_class_name", "AutoencoderKL")
+    if kind not in _VAE_DECODERS:
+        raise ValueError(f"--vae {name}={path}: no preview decoder for a {kind}; known: {', '.join(sorted(_VAE_DECODERS))}")
+    module, _, cls = _VAE_DECODERS[kind].rpartition(":")
+
+    def factory() -> Decoder:
+        decoder_class = getattr(importlib.import_module(module), cls) if module else VaeDecoder
+        return decoder_class(path, device, dtype)
+
     # the description reaches clients (ListDecoders): the model's directory name, never the server's path
-    register_decoder(name, lambda: VaeDecoder(path, device, dtype), f"diffusers AutoencoderKL ({path.name})")
+    register_decoder(name, factory, f"diffusers {kind} ({path.name})")
+
+
+# The decoder of each VAE class (its config's _class_name): "module:Class" (imported on first use), "" = VaeDecoder.
+_VAE_DECODERS = {
+    "AutoencoderKL": "",
+    "AutoencoderKLQwenImage": "epgrpo.services.pruner.vae_families:QwenImageVaeDecoder",
+    "AutoencoderKLFlux2": "epgrpo.services.pruner.vae_families:Flux2VaeDecoder",
+}

@@ -86,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds allowed per reward-service call before the pruner answers UNAVAILABLE (default %(default)s)")
     decoders = parser.add_argument_group("x0-preview decoders (latent models)")
     env_option(decoders, "--vae", env="EPGRPO_PRUNER_VAE", action="append", metavar="[NAME=]DIR",
-               help="serve decoder NAME (default 'vae', what the trainer's sd3 adapter asks for) with the diffusers "
-                    "AutoencoderKL in DIR (a VAE directory or a pipeline directory with vae/, e.g. "
-                    "/models/stable-diffusion-3.5-medium); loaded at start, before the port opens; repeatable, the variable "
-                    "comma-separated")
+               help="serve decoder NAME (default 'vae', what the trainer's latent adapters ask for) with the "
+                    "diffusers VAE in DIR (a VAE directory or a pipeline directory with vae/, e.g. "
+                    "/models/stable-diffusion-3.5-medium); its class picks the latent normalisation "
+                    "(AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLFlux2); loaded at start, before the port opens; repeatable, "
+                    "the variable comma-separated")
     env_option(decoders, "--device", env="EPGRPO_PRUNER_DEVICE", default="auto",
                help="device of the VAE decoders: auto (cuda when present), cpu, cuda[:i] (default %(default)s)")
     decoders.add_argument("--vae-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

@@ -90,7 +90,9 @@ class FineTunedPolicy(PolicyAdapter):
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
                     else contextlib.nullcontext())
         with autocast:
-            return self._active(**inputs, return_dict=False)[0].float()
+            out = self._active(**inputs, return_dict=False)[0]
+        # Z-Image's transformer returns one tensor per sample (a list), the others a batch tensor
+        return torch.stack([o.float() for o in out]) if isinstance(out, (list, tuple)) else out.float()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]

@@ -1,0 +1,410 @@
+"""The 2026 image families (qwen_image, ...) on tiny random pipelines loaded through their real
+loading path, one parametrized suite: ODE sampling on unpacked latents equals the stock pipeline
+(latents bit for bit, images), the LoRA (the family's reference targets) moves away from the
+reference, exports in the format the stock ``load_lora_weights`` reads and reproduces the trained
+sample there, full fine-tuning exports a loadable transformer, FSDP wraps the family's blocks, the
+pruner's decoder for the family's VAE equals the adapter's decode, ``epgrpo train`` runs 2
+Expand-and-Prune iterations with launched services and ``epgrpo analyze`` runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from epgrpo.trainer.grpo import group_advantages
+from epgrpo.trainer.optimize import policy_update
+from epgrpo.trainer.policy.base import create_policy
+from epgrpo.trainer.rollout import rollout, sample_ode, sample_seeds
+from epgrpo.trainer.samplers import SamplerOptions
+
+PROMPTS = ["a red cat", "a blue dog"]  # different lengths: variable-length text is padded and masked
+SEEDS = [11, 12]
+STEPS, SIDE = 4, 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    pipeline: str  # the diffusers pipeline class
+    transformer: str  # its transformer class
+    builder: Callable[[Path], Path]
+    options: dict  # the adapter's options for the tiny pipeline
+    guidance: float  # sampling.guidance_scale with guidance on
+    stock_kwargs: Callable[[float], dict]  # the stock call's guidance arguments for a guidance scale
+    latent_shape: tuple[int, int, int]
+    lora_modules: tuple[str, ...]  # adapted modules the reference trainers adapt too
+    stock_noise: Callable  # (pipe, our unpacked noise) -> the stock call's `latents`
+    stock_latents: Callable  # (pipe, our final latents) -> what the stock call returns with output_type="latent"
+
+
+def _qwen_image_builder(directory: Path) -> Path:
+    from tiny_qwen_image import build_tiny_qwen_image
+
+    return build_tiny_qwen_image(directory)
+
+
+def _flux2_klein_builder(directory: Path) -> Path:
+    from tiny_flux2_klein import build_tiny_flux2_klein
+
+    return build_tiny_flux2_klein(directory)
+
+
+def _z_image_builder(directory: Path) -> Path:
+    from tiny_z_image import build_tiny_z_image
+
+    return build_tiny_z_image(directory)
+
+
+def _qwen_pack(pipe, x: torch.Tensor) -> torch.Tensor:
+    """QwenImagePipeline's token packing, transcribed: [B, C, h, w] -> [B, h/2 w/2, 4C], (c, dy, dx) per token."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 2 * w // 2, 4 * c)
+
+
+def _flux2_denormalised(pipe, x: torch.Tensor) -> torch.Tensor:
+    """Flux2KleinPipeline's latent output, transcribed: batch-norm statistics undone, 2x2 patches unfolded."""
+    bn = pipe.vae.bn
+    x = x * torch.sqrt(bn.running_var + pipe.vae.config.batch_norm_eps).view(1, -1, 1, 1) + bn.running_mean.view(1, -1, 1, 1)
+    b, c, h, w = x.shape
+    return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
+
+
+FAMILIES = {
+    "qwen_image": Family(
+        "qwen_image", "QwenImagePipeline", "QwenImageTransformer2DModel", _qwen_image_builder,
+        {"max_sequence_length": 512, "negative_prompt": "low quality"}, 3.0,
+        lambda g: {"true_cfg_scale": g, "negative_prompt": "low quality", "max_sequence_length": 512} if g > 1 else
+        {"true_cfg_scale": 1.0, "max_sequence_length": 512},
+        (4, 16, 16),
+        ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.attn.add_k_proj",
+         "transformer_blocks.0.img_mlp.net.2", "transformer_blocks.1.txt_mlp.net.0.proj"),
+        _qwen_pack, _qwen_pack),
+    "flux2_klein": Family(
+        "flux2_klein", "Flux2KleinPipeline", "Flux2Transformer2DModel", _flux2_klein_builder,
+        {"max_sequence_length": 64}, 3.0,
+        lambda g: {"guidance_scale": g, "max_sequence_length": 64},
+        (16, 8, 8),
+        ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.add_v_proj",
+         "single_transformer_blocks.0.attn.to_qkv_mlp_proj"),
+        lambda pipe, x: x, _flux2_denormalised),
+    "z_image": Family(
+        "z_image", "ZImagePipeline", "ZImageTransformer2DModel", _z_image_builder,
+        {"max_sequence_length": 64, "negative_prompt": "blurry"}, 3.0,
+        # the pipeline's guidance_scale is ours - 1 (0 = off)
+        lambda g: {"guidance_scale": g - 1.0, "negative_prompt": ["blurry"] * len(PROMPTS), "max_sequence_length": 64},
+        (4, 16, 16),
+        ("layers.0.attention.to_out.0", "layers.1.feed_forward.w2", "noise_refiner.0.attention.to_k",
+         "context_refiner.0.feed_forward.w3"),
+        lambda pipe, x: x, lambda pipe, x: x),
+}
+NAMES = list(FAMILIES)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The models are tiny: intra-op threads cost more than they save on 2 busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """name -> the tiny pipeline's directory, built on first use."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = FAMILIES[name].builder(tmp_path_factory.mktemp(f"tiny-{name}"))
+        return built[name]
+
+    return get
+
+
+def make_policy(family: Family, path, **options):
+    options = {"guidance_scale": 1.0, "resolution": SIDE, **family.options, **options}
+    return create_policy(family.name, path=str(path), device="cpu", **options)
+
+
+def load_stock(family: Family, path):
+    import diffusers
+
+    pipe = getattr(diffusers, family.pipeline).from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seed_noise(latent_shape) -> torch.Tensor:
+    """The rollout's per-trajectory noise (unpacked), one generator per seed."""
+    return torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in SEEDS])
+
+
+def stock_sample(family: Family, pipe, policy, output_type: str, guidance: float):
+    # a copy: ZImagePipeline writes the templated prompts into the list it is given
+    return pipe(prompt=list(PROMPTS), num_inference_steps=STEPS, height=SIDE, width=SIDE, output_type=output_type,
+                latents=family.stock_noise(pipe, seed_noise(policy.latent_shape)), **family.stock_kwargs(guidance)).images
+
+
+def to_uint8(images01: np.ndarray) -> np.ndarray:
+    return (images01 * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+@pytest.mark.parametrize("name", NAMES)
+def test_ode_sampling_equals_the_stock_pipeline(name, guided, family_dirs):
+    family, path = FAMILIES[name], family_dirs(name)
+    guidance = family.guidance if guided else 1.0
+    policy = make_policy(family, path, guidance_scale=guidance)  # full fine-tuning, fp32 on CPU
+    assert policy.latent_shape == family.latent_shape and policy.nfe_per_sample == (2 if guided else 1)
+    frozen = [m for k, m in policy.pipe.components.items() if isinstance(m, torch.nn.Module) and k != "transformer"]
+    assert frozen and all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert {id(p) for p in policy.trainable_parameters()} == {id(p) for p in policy.transformer.parameters()}
+    sampler = policy.make_sampler(STEPS, SamplerOptions())
+    latents = sample_ode(policy, PROMPTS, SEEDS, sampler)
+    assert latents.shape == (2, *family.latent_shape)
+
+    pipe = load_stock(family, path)
+    stock = stock_sample(family, pipe, policy, "latent", guidance)
+    # the same operations in the same order: the same bits
+    torch.testing.assert_close(family.stock_latents(pipe, latents), stock, rtol=0, atol=0)
+    torch.testing.assert_close(pipe.scheduler.sigmas, sampler.sigmas, rtol=0, atol=0)  # the pipeline's grid
+    images = policy.decode(latents)
+    assert images.dtype == np.uint8 and images.shape == (2, SIDE, SIDE, 3)
+    assert np.abs(to_uint8(stock_sample(family, pipe, policy, "np", guidance)).astype(int) - images).max() == 0
+    if guided:  # the guidance really ran on both sides: it changes the sample
+        plain = sample_ode(make_policy(family, path), PROMPTS, SEEDS, sampler)
+        assert (plain - latents).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sampler_grid_is_the_pipelines_and_leaves_its_scheduler_alone(name, family_dirs):
+    family = FAMILIES[name]
+    policy = make_policy(family, family_dirs(name), lora_rank=2)
+    before = policy.pipe.scheduler.sigmas.clone() if policy.pipe.scheduler.sigmas is not None else None
+    sampler = policy.make_sampler(10, SamplerOptions(noise_level=0.9))
+    after = policy.pipe.scheduler.sigmas
+    assert (before is None and after is None) or torch.equal(after, before)
+    assert sampler.noise_level == 0.9 and sampler.num_steps == 10
+    assert sampler.sigmas[0] == 1.0 and sampler.sigmas[-1] == 0.0 and torch.all(sampler.sigmas[1:] < sampler.sigmas[:-1])
+    with pytest.warns(UserWarning, match=f"sampling.shift=3.0 does not apply to {name}"):
+        policy.make_sampler(4, SamplerOptions(shift=3.0))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lora_trains_exports_and_the_stock_pipeline_reproduces_its_sample(name, family_dirs, tmp_path):
+    family, path = FAMILIES[name], family_dirs(name)
+    policy = make_policy(family, path, lora_rank=4, lora_alpha=8)
+    names = list(policy.state_dict())
+    assert names and all("lora" in n for n in names)
+    for module in family.lora_modules:  # the reference trainers' targets
+        assert f"{module}.lora_A.default.weight" in names, (module, names[:6])
+    sampler = policy.make_sampler(STEPS, SamplerOptions())
+    base = sample_ode(policy, PROMPTS, SEEDS, sampler)
+    batch = rollout(policy, PROMPTS, 2, sampler, seeds=sample_seeds(0, 1, 4))
+    assert batch.latents.shape == (4, STEPS + 1, *family.latent_shape) and batch.nfe == 4 * STEPS
+    assert torch.isfinite(batch.log_probs[:, :-1]).all()
+    advantages = group_advantages(torch.tensor([1.0, -1.0, 0.5, -0.5]), batch.group_index)
+    (stats,) = policy_update(policy, torch.optim.SGD(policy.trainable_parameters(), lr=0.0), batch, advantages,
+                             sampler, clip_range=1e-4, beta=0.04, inner_epochs=1, max_grad_norm=1.0,
+                             train_batch_size=2, gradient_accumulation=1)
+    # unchanged weights: the first ratio is exactly 1 and the LoRA (B = 0) is the reference
+    assert stats.ratio_mean == pytest.approx(1.0, rel=0, abs=1e-12) and stats.kl == 0.0
+    policy_update(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=0.05), batch, advantages, sampler,
+                  clip_range=1e-4, beta=0.0, inner_epochs=1, max_grad_norm=1.0, train_batch_size=4)
+    trained = sample_ode(policy, PROMPTS, SEEDS, sampler)
+    assert (trained - base).abs().max() > 1e-4
+    with policy.reference():  # the adapter disabled is the base model
+        torch.testing.assert_close(sample_ode(policy, PROMPTS, SEEDS, sampler), base, rtol=0, atol=0)
+
+    (exported,) = policy.export(tmp_path)
+    assert exported == tmp_path / "lora" and (exported / "pytorch_lora_weights.safetensors").is_file()
+    pipe = load_stock(family, path)
+    pipe.load_lora_weights(exported)
+    loaded = stock_sample(family, pipe, policy, "latent", 1.0)
+    # the trained sample: without the saved alpha diffusers would scale the LoRA differently
+    torch.testing.assert_close(loaded, family.stock_latents(pipe, trained), rtol=0, atol=1e-5)
+    images = to_uint8(stock_sample(family, pipe, policy, "np", 1.0))
+    assert np.abs(images.astype(int) - policy.decode(trained)).max() <= 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_fine_tuning_exports_a_loadable_transformer_and_fsdp_wraps_its_blocks(name, family_dirs, tmp_path):
+    import diffusers
+
+    from epgrpo.trainer.fsdp import blocks
+
+    family = FAMILIES[name]
+    policy = make_policy(family, family_dirs(name))
+    moved, _ = list(policy.transformer.named_parameters())[-1]  # the output projection
+    with torch.no_grad():
+        policy.transformer.get_parameter(moved).add_(0.5)  # stands in for training
+    (exported,) = policy.export(tmp_path)
+    assert exported == tmp_path / "transformer"
+    loaded = getattr(diffusers, family.transformer).from_pretrained(exported, local_files_only=True)
+    for key, value in policy.transformer.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with policy.reference():  # the frozen copy is untouched
+        assert not torch.equal(policy._active.get_parameter(moved), policy.transformer.get_parameter(moved))
+    # FSDP's units: every block the model declares unsplittable, each on its own, and nothing else
+    units = blocks(policy.transformer)
+    declared = tuple(policy.transformer._no_split_modules)
+    expected = [m for m in policy.transformer.modules() if type(m).__name__ in declared]
+    assert expected and [id(m) for m in units] == [id(m) for m in expected]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pruner_decoder_for_the_family_vae_equals_the_adapters_decode(name, family_dirs, tmp_path):
+    from epgrpo.services.pruner.decode import get_decoder, register_vae_decoder
+
+    family, path = FAMILIES[name], family_dirs(name)
+    policy = make_policy(family, path)
+    source = policy.preview_decoder_source(tmp_path)
+    assert source == str(Path(path).resolve())
+    register_vae_decoder(f"tiny-{name}-test", source)
+    latents = torch.randn(3, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    decoded = get_decoder(f"tiny-{name}-test")(latents.numpy(), "previews")
+    np.testing.assert_array_equal(decoded, policy.decode(latents))
+    assert decoded.std() > 0
+
+
+def test_a_vae_class_without_a_decoder_is_refused_naming_it(tmp_path):
+    from epgrpo.services.pruner.decode import register_vae_decoder
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLSomethingNew"}))
+    with pytest.raises(ValueError, match=r"--vae x=.*: no preview decoder for a AutoencoderKLSomethingNew; known: "
+                                         r"AutoencoderKL, .*AutoencoderKLQwenImage"):
+        register_vae_decoder("x", tmp_path)
+
+
+def cli_args(family: Family, path, out, *extra):
+    model = [f"model.{k}={v}" for k, v in family.options.items()]
+    return [f"model.name={family.name}", f"model.path={path}", "model.lora_rank=4", f"model.resolution={SIDE}",
+            *model, "model.device=cpu", "sampling.num_steps=4", f"sampling.guidance_scale={family.guidance}",
+            "reward.rewards=jpeg_compressibility:1", "reward.judge=", f"out_dir={out}", "progress=false", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_cli_expand_prune_with_launched_services_and_analyze(name, family_dirs, tmp_path):
+    from epgrpo.trainer.cli import main
+
+    family, path = FAMILIES[name], family_dirs(name)
+    out = tmp_path / "run"
+    assert main(["train", *cli_args(family, path, out, "prune.group_size=4", "prune.steps=[2]", "prune.keeps=[2]",
+                                    "train.iterations=2", "train.prompts_per_iteration=1", "train.lr=1e-2",
+                                    "eval.samples_per_prompt=1", "eval.every=0", "eval.max_prompts=1")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    nfe = 2  # guidance on: both branches
+    # per iteration: 4 trajectories make steps 0-2, the 2 survivors step 3
+    assert summary["nfe_used"] == nfe * 2 * (4 * 3 + 2 * 1) and summary["nfe_full_group"] == nfe * 2 * 4 * 4
+    assert summary["trained_weights"] == [str(out / "lora")]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["survivors_per_step"] for m in metrics] == [[4, 4, 4, 2]] * 2
+    # the launched pruner decoded the latent previews with the family's VAE (a pixel pruner rejects them)
+    assert (out / "services" / "pruner.log").read_text().count("opened") == 2
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    analysis = tmp_path / "analysis"
+    assert main(["analyze", "--groups", "2", "--group-size", "4", "--keep", "2",
+                 *cli_args(family, path, analysis, "sampling.num_steps=3", "prune.mode=grpo",
+                           f"train.prompt_file={prompts}", "model.lora_rank=0")]) == 0
+    result = json.loads((analysis / "analysis.json").read_text())
+    assert [g["prompt"] for g in result["clustering"]["groups"]] == ["a red cat", "a blue dog"]
+    assert len(result["fidelity"]["per_step"]) == 3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_errors_name_their_key(name, family_dirs, tmp_path, capsys):
+    from unittest import mock
+
+    import diffusers
+
+    from epgrpo.trainer.cli import main
+
+    family, path = FAMILIES[name], family_dirs(name)
+    with pytest.raises(ValueError, match=f"model.path: the {name} model needs"):
+        create_policy(name)
+    with mock.patch.object(getattr(diffusers, family.pipeline), "from_pretrained",
+                           side_effect=AssertionError("loaded the model")):
+        with pytest.raises(ValueError, match=r"model.resolution: expected a multiple of 4 .* got 30"):
+            make_policy(family, path, resolution=30)  # a local directory: checked before loading
+        with pytest.raises(ValueError, match="sampling.guidance_scale: expected a finite number >= 1"):
+            make_policy(family, path, guidance_scale=0.5)
+        with pytest.raises(ValueError, match="model.max_sequence_length: expected 1.."):
+            make_policy(family, path, max_sequence_length=5000)
+    capsys.readouterr()
+    out = tmp_path / "run"  # through the CLI: one line, exit code 2, no service started
+    assert main(["train", *cli_args(family, path, out, "prune.steps=[2]", "prune.keeps=[2]", "prune.group_size=4",
+                                    "model.resolution=30")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("epgrpo: error: model.resolution:"), err
+    assert not (out / "services").exists()
+
+
+def test_step_distilled_flux2_klein_samples_without_guidance_and_refuses_it(tmp_path):
+    """klein's distilled checkpoints (is_distilled) run one call per step; a guidance scale would be
+    silently ignored by the pipeline, so the adapter refuses it."""
+    from tiny_flux2_klein import build_tiny_flux2_klein
+
+    family = FAMILIES["flux2_klein"]
+    path = build_tiny_flux2_klein(tmp_path / "distilled", is_distilled=True)
+    with pytest.raises(ValueError, match="sampling.guidance_scale: .* is step-distilled"):
+        make_policy(family, path, guidance_scale=3.0)
+    policy = make_policy(family, path)
+    assert policy.nfe_per_sample == 1
+    latents = sample_ode(policy, PROMPTS, SEEDS, policy.make_sampler(STEPS, SamplerOptions()))
+    pipe = load_stock(family, path)
+    stock = stock_sample(family, pipe, policy, "latent", 4.0)  # the pipeline's default guidance, ignored
+    torch.testing.assert_close(family.stock_latents(pipe, latents), stock, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config_name, name, schedule_, nfe", [
+    ("qwen_image_pickscore", "qwen_image", [(5, 24), (7, 12)], 2 * (48 * 6 + 24 * 2 + 12 * 2)),
+    ("flux2_klein_pickscore", "flux2_klein", [(5, 24), (7, 12)], 2 * (48 * 6 + 24 * 2 + 12 * 2)),
+    ("z_image_turbo_pickscore", "z_image", [(2, 16), (4, 8)], 32 * 3 + 16 * 2 + 8 * 3)])
+def test_example_configs_validate_with_the_nfe_their_comments_state(config_name, name, schedule_, nfe):
+    from epgrpo.trainer.config import ModelConfig, load_config, schedule
+    from epgrpo.trainer.policy.base import check_policy_options
+
+    config = load_config(Path(__file__).resolve().parents[1] / "trainer" / "configs" / f"{config_name}.yaml", [])
+    assert config.model.name == name and schedule(config) == schedule_ and config.model.resolution == 1024
+    options = {k: v for k, v in vars(config.model).items()
+               if k not in ("name", "preview_vae") and v != getattr(ModelConfig(), k)}
+    check_policy_options(name, {**options, "guidance_scale": config.sampling.guidance_scale})  # loads no model
+    steps, cfg = config.sampling.num_steps, 2 if config.sampling.guidance_scale > 1 else 1
+    (s1, k1), (s2, k2) = schedule(config)
+    survivors = [config.prune.group_size if i <= s1 else k1 if i <= s2 else k2 for i in range(steps)]
+    assert cfg * sum(survivors) == nfe
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_ranks_shards_every_family_and_matches_the_unsharded_model(family_dirs, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    worker = Path(__file__).with_name("fsdp_family_worker.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+         str(worker), str(tmp_path / "record"), *(f"{n}={family_dirs(n)}" for n in NAMES)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    ranks = [json.loads((tmp_path / "record" / f"rank{r}.json").read_text()) for r in range(2)]
+    for name in NAMES:
+        facts = [r[name] for r in ranks]
+        full = facts[0]["full"]
+        assert facts[0]["local"] + facts[1]["local"] == full  # every weight on exactly one rank
+        assert all(abs(f["local"] - full / 2) <= 0.05 * full for f in facts), (name, facts)  # about half each
+        for f in facts:  # the sharded policy and reference compute the unsharded velocity
+            assert f["predict_diff"] < 1e-5 and f["reference_diff"] < 1e-5, (name, f)
+        assert facts[0]["step_diff"] < 1e-5, (name, facts[0])  # and take the same SGD step
