@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from epgrpo.protos import codec
 from epgrpo.protos.oip_codec import encode_bytes
-from epgrpo.protos.v1 import oip_pb2, oip_pb2_grpc, pruner_pb2, pruner_pb2_grpc, reward_pb2, reward_pb2_grpc, tensor_pb2
+from epgrpo.protos.v1 import oip_pb2, oip_pb2_grpc, pruner_pb2, reward_pb2, reward_pb2_grpc, tensor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_memory_flood import Sampler, rss_mib
 
