@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +55,14 @@ DDPM_CONFIGS = {
 }
 
 
+@dataclass(frozen=True)
 class ToyModel:
     """A toy model family the comparison can train: its policy, base-model recipe and configurations."""
 
-    def __init__(self, name, policy_class, recipe_class, configs):
-        self.name, self.policy_class, self.recipe_class, self.configs = name, policy_class, recipe_class, configs
+    name: str
+    policy_class: type
+    recipe_class: type
+    configs: dict[str, list[str]]
 
 
 MODELS = {m.name: m for m in (ToyModel("toy_digits", ToyDigitPolicy, ToyRecipe, FLOW_CONFIGS),
@@ -73,7 +77,8 @@ def run_one(name, overrides, seed, args, reward_address, pruner_address, recipe)
     model = MODELS[args.model]
     out = args.out / run_dir(name) / f"seed{seed}"
     config = load_config(None, [
-        f"model.name={model.name}", *overrides, f"train.seed={seed}", f"train.iterations={args.iterations}", f"eval.every={args.eval_every}",
+        f"model.name={model.name}", *overrides, f"train.seed={seed}", f"train.iterations={args.iterations}",
+        f"eval.every={args.eval_every}",
         f"eval.samples_per_prompt={args.eval_samples}", f"out_dir={out}", "launch_services=false", "progress=false",
         *args.extra,
     ])
