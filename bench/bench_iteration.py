@@ -229,6 +229,8 @@ def floor_seconds(policy, probe: Probe, repeats: int) -> dict[str, float]:
             if phase == "old log-probs":
                 continue  # the rollout had them: not part of the floor
 
+            policy.train(phase != "sampling")  # the rollout samples in eval mode, the update runs in train mode
+
             def call():
                 if phase == "train forward":
                     out = transformer(**inputs)
