@@ -141,9 +141,13 @@ class Probe:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[tuple, int] = defaultdict(int)
         self.inputs: dict[tuple, dict] = {}
+        self.modules: dict[tuple, torch.nn.Module] = {}
         self._starts: dict[int, float] = {}
-        self._hooks = [policy.transformer.register_forward_pre_hook(self._pre, with_kwargs=True),
-                       policy.transformer.register_forward_hook(self._post, with_kwargs=True)]
+        # full fine-tuning keeps the reference as a frozen copy (LoRA: the same module, adapters off)
+        reference_copy = getattr(policy, "_reference_transformer", None)
+        self.reference_copy = reference_copy if reference_copy is not policy.transformer else None
+        self._hooks = []
+        self.attach()
         self._patches: list[tuple[object, str, object]] = []
         self.patch(policy, "decode", "decode")
         self.patch(PrunerStream, "decide", "pruning decisions")
@@ -186,29 +190,42 @@ class Probe:
         finally:
             self.seconds[label] += time.perf_counter() - start
 
-    def _phase(self) -> str:
+    def attach(self) -> None:
+        for module in filter(None, (self.policy.transformer, self.reference_copy)):
+            self._hooks += [module.register_forward_pre_hook(self._pre, with_kwargs=True),
+                            module.register_forward_hook(self._post, with_kwargs=True)]
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _phase(self, module=None) -> str:
+        if module is not None and module is self.reference_copy:
+            return "reference"
         if self.phase == "update" and not torch.is_grad_enabled():
             return "old log-probs"
         return {"update": "train forward"}.get(self.phase, self.phase)
 
     def _pre(self, module, args, kwargs):
-        phase = self._phase()
+        phase = self._phase(module)
         key = (phase, *(tuple(v.shape) for v in kwargs.values() if torch.is_tensor(v)))
         self.calls[key] += 1
         if key not in self.inputs:
             self.inputs[key] = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            self.modules[key] = module
         self._starts[threading.get_ident()] = time.perf_counter()
 
     def _post(self, module, args, kwargs, output):
-        self.seconds[f"transformer: {self._phase()}"] += time.perf_counter() - self._starts.pop(threading.get_ident())
+        elapsed = time.perf_counter() - self._starts.pop(threading.get_ident())
+        self.seconds[f"transformer: {self._phase(module)}"] += elapsed
 
     def reset(self) -> None:
         self.seconds.clear()
         self.calls.clear()
 
     def close(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
+        self.detach()
         for owner, attribute, original in reversed(self._patches):
             if original is None:
                 delattr(owner, attribute)  # an instance attribute shadowing the class's method
@@ -218,16 +235,15 @@ class Probe:
 
 def floor_seconds(policy, probe: Probe, repeats: int) -> dict[str, float]:
     """The recorded calls of the must-do phases, replayed alone at the same shapes (median of repeats)."""
-    transformer = policy.transformer
     floor: dict[str, float] = defaultdict(float)
-    hooks_off = probe._hooks
-    for hook in hooks_off:
-        hook.remove()
+    probe.detach()
     try:
         for key, count in probe.calls.items():
-            phase, inputs = key[0], probe.inputs[key]
+            phase, inputs, transformer = key[0], probe.inputs[key], probe.modules[key]
             if phase == "old log-probs":
                 continue  # the rollout had them: not part of the floor
+
+            policy.train(phase != "sampling")  # the rollout samples in eval mode, the update runs in train mode
 
             def call():
                 if phase == "train forward":
@@ -244,11 +260,10 @@ def floor_seconds(policy, probe: Probe, repeats: int) -> dict[str, float]:
                 call()
                 times.append(time.perf_counter() - start)
             floor["train forward+backward" if phase == "train forward" else phase] += statistics.median(times) * count
-        for p in transformer.parameters():
+        for p in policy.transformer.parameters():
             p.grad = None
     finally:
-        probe._hooks = [transformer.register_forward_pre_hook(probe._pre, with_kwargs=True),
-                        transformer.register_forward_hook(probe._post, with_kwargs=True)]
+        probe.attach()
     return dict(floor)
 
 
@@ -265,8 +280,8 @@ def measure(args) -> dict:
         config = make_config(args.config, modes[0], path, tmp / "run", steps, prompts, group)
         options = {k: v for k, v in vars(config.model).items() if k not in ("name", "device", "dtype", "preview_vae")
                    and v != getattr(type(config.model)(), k)}
-        policy = create_policy(config.model.name, **options, device="cpu", guidance_scale=config.sampling.guidance_scale,
-                               progress=False)
+        policy = create_policy(config.model.name, **options, device="cpu",
+                               guidance_scale=config.sampling.guidance_scale, progress=False)
         probe = Probe(policy)
         stack.callback(probe.close)
         for mode in modes:
@@ -308,7 +323,8 @@ def measure(args) -> dict:
 
 
 def report(results: dict, args) -> None:
-    print(f"config {args.config}: {args.prompts} prompts x G={args.group}, {args.steps} steps, LoRA, CFG "
+    model = "LoRA rank 4, CFG 4.5" if CONFIGS[args.config][0] is not None else "full fine-tuning, no CFG"
+    print(f"config {args.config}: {args.prompts} prompts x G={args.group}, {args.steps} steps, {model}, KL beta 0.04 "
           f"(medians of {args.iterations} iterations per variant, alternating)")
     for mode, r in results.items():
         floor = r["floor_total_s"]
