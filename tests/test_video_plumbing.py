@@ -5,6 +5,7 @@ service, frame strips / GIFs in out_dir and the TensorBoard video summary."""
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -91,3 +92,21 @@ def test_tensorboard_gets_the_samples_as_a_video(tmp_path):
     assert logged.step == 3
     gif = Image.open(io.BytesIO(logged.encoded_image_string))
     assert gif.format == "GIF" and gif.n_frames == 4 and (gif.width, gif.height) == (logged.width, logged.height)
+
+
+def test_first_frame_previews_need_a_video_model(tiny_policy_factory, tmp_path):
+    from epgrpo.trainer.clients import PrunerClient
+    from epgrpo.trainer.config import load_config
+    from epgrpo.trainer.loop import Trainer
+    from epgrpo.trainer.reward_client import RewardClient
+
+    config = load_config(None, ["prune.preview_frames=first", f"out_dir={tmp_path}", "launch_services=false"])
+    reward, pruner = RewardClient("127.0.0.1:1"), PrunerClient("127.0.0.1:1")  # never called
+    try:
+        with pytest.raises(ValueError, match=r"prune.preview_frames: 'first' needs a video model .* \[1, 16, 16\]"):
+            Trainer(config, tiny_policy_factory(), reward, pruner)
+    finally:
+        reward.close()
+        pruner.close()
+    with pytest.raises(ValueError, match=re.escape("prune.preview_frames: expected all | first, got 'last'")):
+        load_config(None, ["prune.preview_frames=last"])

@@ -4,15 +4,17 @@
 Per-frame digit correctness needs no backend of its own: ``frames(digit, k=all)`` is the digit CNN
 averaged over every frame (backends/video.py).
 
-``digit_motion``: where the digit's centre of mass goes. The mean displacement d of the
-intensity-weighted centroid between consecutive frames (in pixels of a 16-pixel frame) against
-the prompted step u (``pixels_per_frame`` along the direction): exp(-|d - u|^2 / (2 * 0.5^2)).
-A static clip scores exp(-2) = 0.14 for a 1-pixel step, the opposite direction ~0.
+``digit_motion``: block matching. For each pair of consecutive frames, the squared difference
+between the next frame and the current one moved by each of five candidate steps (none, or
+``pixels_per_frame`` left, right, up, down; black fills what comes into view): e_prompted for the
+prompted step, e_other the least of the four others. The pair scores e_other / (e_prompted +
+e_other): 1/2 when another step explains the next frame as well, towards 1 when only the prompted
+one does, towards 0 when another does and it does not. The clip's reward is the mean over pairs.
 
-``digit_video_judge`` (evaluation only, never trained against): an independent reading of both,
-with other methods: the mean over frames of digit_judge's SVC probability of the prompted digit,
-times the fraction of consecutive frame pairs whose best integer shift (the one of [-2, 2]^2 that
-minimises the squared difference between the shifted frame and the next) is the prompted step.
+``digit_video_judge`` (evaluation only, never trained against): an independent reading with other
+methods: the mean over frames of digit_judge's SVC probability of the prompted digit, times
+exp(-|d - u|^2 / (2 * 0.5^2)), d the mean displacement of the frames' intensity-weighted centroid
+between consecutive frames and u the prompted step (pixels of 16x16 frames).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ FRAME = 16  # frames are read at 16x16 (the toy's size)
 DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (dx, dy), y down
 _DIRECTION = re.compile(r"\bmoving\s+(" + "|".join(DIRECTIONS) + r")\b", re.IGNORECASE)
 MOTION_TOLERANCE_PX = 0.5
-MAX_SHIFT = 2
 
 
 def parse_directions(prompts: Sequence[str], metadata: Sequence[dict[str, str]]) -> np.ndarray:
@@ -83,13 +84,57 @@ def need_frames(name: str, videos: np.ndarray) -> None:
                               f"least 2 frames, got {list(videos.shape)}")
 
 
+CANDIDATE_STEPS = ((0, 0), (1, 0), (-1, 0), (0, -1), (0, 1))  # none, right, left, up, down
+
+
+def step_errors(frames: torch.Tensor, pixels: int) -> torch.Tensor:
+    """[N, T, H, W] -> [N, T-1, 5]: squared difference between each next frame and the current one
+    moved by each of CANDIDATE_STEPS x ``pixels``."""
+    h, w = frames.shape[-2:]
+    current, following = frames[:, :-1], frames[:, 1:]
+    padded = F.pad(current, (pixels,) * 4)
+    errors = []
+    for dx, dy in CANDIDATE_STEPS:
+        ox, oy = pixels - dx * pixels, pixels - dy * pixels
+        errors.append(((padded[..., oy:oy + h, ox:ox + w] - following) ** 2).sum((-2, -1)))
+    return torch.stack(errors, -1)
+
+
 @register_backend("digit_motion")
 class DigitMotion(RewardBackend):
-    description = ("Motion correctness of the video toy: exp(-|d - u|^2 / 0.5), d the mean displacement of the "
-                   "digit's centre of mass between consecutive frames, u the prompted step (pixels_per_frame along "
-                   "the direction), in pixels of 16x16 frames.")
+    description = ("Motion correctness of the video toy, by block matching: for each pair of consecutive frames, "
+                   "e_other / (e_prompted + e_other) with e the squared difference between the next frame and the "
+                   "current one moved by the prompted step (e_prompted) or by the best of the other steps among none, "
+                   "left, right, up, down (e_other); the mean over pairs.")
     inputs = ("videos of >= 2 frames; prompt naming a motion: 'a digit 3 moving right' (left, right, up, down; or "
               "metadata 'direction')")
+    range = "[0, 1]"
+    modality = VIDEO
+
+    def __init__(self, device: str = "cpu", pixels_per_frame: int = 1):
+        super().__init__(device)
+        if not 1 <= pixels_per_frame <= 4:
+            raise InvalidArgument(f"reward {self.name!r}: pixels_per_frame: expected 1..4, got {pixels_per_frame}")
+        self.pixels_per_frame = pixels_per_frame
+
+    def _score(self, videos, prompts, metadata):
+        need_frames(self.name, videos)
+        directions = parse_directions(prompts, metadata)
+        prompted = torch.tensor([CANDIDATE_STEPS.index((int(dx), int(dy))) for dx, dy in directions])
+        errors = step_errors(gray_frames(videos), self.pixels_per_frame).double()  # [N, T-1, 5]
+        mine = errors.gather(-1, prompted.view(-1, 1, 1).expand(-1, errors.shape[1], 1))[..., 0]
+        others = errors.scatter(-1, prompted.view(-1, 1, 1).expand(-1, errors.shape[1], 1), float("inf")).min(-1).values
+        total = mine + others
+        share = torch.where(total > 0, others / total.clamp_min(1e-12), torch.full_like(total, 0.5))  # blank: a tie
+        return share.mean(1).numpy()
+
+
+@register_backend("digit_video_judge")
+class DigitVideoJudge(RewardBackend):
+    description = ("Held-out judge of the video toy (never train against it): digit_judge's SVC probability of the "
+                   "prompted digit averaged over frames, times exp(-|d - u|^2 / 0.5) with d the mean displacement of "
+                   "the frames' centre of mass between consecutive frames and u the prompted step.")
+    inputs = "videos of >= 2 frames; prompt naming a digit and a motion: 'a digit 3 moving right'"
     range = "[0, 1]"
     modality = VIDEO
 
@@ -98,55 +143,15 @@ class DigitMotion(RewardBackend):
         if not pixels_per_frame > 0:
             raise InvalidArgument(f"reward {self.name!r}: pixels_per_frame: expected > 0, got {pixels_per_frame}")
         self.pixels_per_frame = float(pixels_per_frame)
-
-    def _score(self, videos, prompts, metadata):
-        need_frames(self.name, videos)
-        target = parse_directions(prompts, metadata) * self.pixels_per_frame
-        c = centroids(gray_frames(videos)).double().numpy()
-        displacement = np.diff(c, axis=1).mean(1)  # [N, 2]
-        error = ((displacement - target) ** 2).sum(1)
-        return np.exp(-error / (2 * MOTION_TOLERANCE_PX ** 2))
-
-
-def best_shifts(frames: torch.Tensor) -> torch.Tensor:
-    """[N, T, H, W] -> [N, T-1, 2]: the integer (dx, dy) in [-2, 2]^2 that best maps each frame onto
-    the next (least squared difference; black fills what comes into view)."""
-    n, t, h, w = frames.shape
-    current, following = frames[:, :-1], frames[:, 1:]
-    padded = F.pad(current, (MAX_SHIFT,) * 4)
-    candidates, errors = [], []
-    for dy in range(-MAX_SHIFT, MAX_SHIFT + 1):
-        for dx in range(-MAX_SHIFT, MAX_SHIFT + 1):
-            moved = padded[..., MAX_SHIFT - dy:MAX_SHIFT - dy + h, MAX_SHIFT - dx:MAX_SHIFT - dx + w]
-            errors.append(((moved - following) ** 2).sum((-2, -1)))
-            candidates.append((dx, dy))
-    best = torch.stack(errors, -1).argmin(-1)  # ties: the first candidate
-    return torch.tensor(candidates, dtype=torch.float32)[best]
-
-
-@register_backend("digit_video_judge")
-class DigitVideoJudge(RewardBackend):
-    description = ("Held-out judge of the video toy (never train against it): digit_judge's SVC probability of the "
-                   "prompted digit averaged over frames, times the fraction of consecutive frame pairs whose best "
-                   "integer shift (block matching within +-2 px) is the prompted step.")
-    inputs = "videos of >= 2 frames; prompt naming a digit and a motion: 'a digit 3 moving right'"
-    range = "[0, 1]"
-    modality = VIDEO
-
-    def __init__(self, device: str = "cpu", pixels_per_frame: int = 1):
-        super().__init__(device)
-        if not 1 <= pixels_per_frame <= MAX_SHIFT:
-            raise InvalidArgument(f"reward {self.name!r}: pixels_per_frame: expected 1..{MAX_SHIFT}, got {pixels_per_frame}")
-        self.pixels_per_frame = pixels_per_frame
         self.digit_judge = DigitJudge(device)
 
     def _score(self, videos, prompts, metadata):
         need_frames(self.name, videos)
         n, t = videos.shape[:2]
+        parse_target_digits(prompts, metadata)  # a prompt without a digit fails here, naming its index
         digit = self.digit_judge.score(videos.reshape(n * t, *videos.shape[2:]), [p for p in prompts for _ in range(t)],
                                        [m for m in metadata for _ in range(t)])
-        target = torch.from_numpy(parse_directions(prompts, metadata) * self.pixels_per_frame).float()
-        shifts = best_shifts(gray_frames(videos))
-        motion = (shifts == target[:, None]).all(-1).float().mean(1).numpy()
-        parse_target_digits(prompts, metadata)  # a prompt without a digit fails here with its index
+        target = parse_directions(prompts, metadata) * self.pixels_per_frame
+        displacement = np.diff(centroids(gray_frames(videos)).double().numpy(), axis=1).mean(1)  # [N, 2]
+        motion = np.exp(-((displacement - target) ** 2).sum(1) / (2 * MOTION_TOLERANCE_PX ** 2))
         return digit.reshape(n, t).astype(np.float64).mean(1) * motion
