@@ -133,3 +133,20 @@ def test_the_video_toy_learns_with_expand_and_prune(tmp_path):
     assert summary["judge_last"] - summary["judge_first"] >= 0.03, summary
     for name in ("samples_first.png", "samples_first.gif", "samples_last.png", "samples_last.gif"):
         assert (out / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_analyze_reports_first_frame_fidelity_for_a_video_model(tmp_path):
+    from epgrpo.trainer.cli import main
+
+    # The whole previews are scored by first_frame(jpeg), their first frames alone by frames(jpeg, k=all):
+    # both read frame 0 only, so the two fidelity curves must agree step by step.
+    assert main(["analyze", "--groups", "2", "--group-size", "5", "--keep", "2",
+                 "--first-frame-rewards", "frames(jpeg_compressibility, k=all)", "model.name=toy_video",
+                 "model.pretrain_steps=3", "sampling.num_steps=3", "prune.mode=grpo",
+                 "reward.rewards=frames(jpeg_compressibility, k=all):1", "reward.judge=",
+                 "prune.proxy_rewards=first_frame(jpeg_compressibility)", f"out_dir={tmp_path}", "progress=false"]) == 0
+    result = json.loads((tmp_path / "analysis.json").read_text())
+    full, first = result["fidelity"]["per_step"], result["fidelity_first_frame"]["per_step"]
+    assert len(full) == len(first) == 3
+    assert [s["rho_mean"] for s in full] == pytest.approx([s["rho_mean"] for s in first])
