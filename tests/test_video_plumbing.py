@@ -36,8 +36,9 @@ def test_pixel_decoder_turns_video_previews_channels_last_frame_by_frame():
     np.testing.assert_array_equal(videos, expected.transpose(0, 2, 3, 4, 1))
 
 
-@pytest.mark.parametrize("preview_frames, survivors", [("first", [2, 3]), ("all", [0, 1])])
-def test_first_frame_previews_are_what_the_pruner_scores(background_server, preview_frames, survivors):
+@pytest.mark.parametrize("preview_frames, survivors, part_bytes", [("first", [2, 3], 1 << 20), ("all", [0, 1], 1 << 20),
+                                                                 ("all", [0, 1], 100)])  # 100: one preview per part
+def test_first_frame_previews_are_what_the_pruner_scores(background_server, preview_frames, survivors, part_bytes):
     from epgrpo.services.pruner.main import build_registrar as pruner_registrar
     from epgrpo.services.reward.main import build_registrar as reward_registrar
     from epgrpo.trainer.clients import PrunerClient
@@ -50,14 +51,16 @@ def test_first_frame_previews_are_what_the_pruner_scores(background_server, prev
     first, later = np.array([0.5, 0.45, 0.9, 0.0]), np.array([1.0, 0.0, 0.5, 0.5])
     levels = np.stack([first, later, later, later], axis=1)  # [4, T]
     previews = torch.from_numpy(np.broadcast_to(levels[:, None, :, None, None], (4, 1, 4, 2, 2)) * 2 - 1).float()
-    client = PrunerClient(pruner.address, deadline_s=30)
+    client = PrunerClient(pruner.address, deadline_s=30, max_request_bytes=part_bytes)
     try:
         with client.open([(3, 2)], 10, [("frames(test_mean_brightness, k=all)", 1.0)], decoder="pixel",
                          preview_frames=preview_frames) as stream:
             decisions = stream.decide(3, 0.5, [GroupState("g0", [0, 1, 2, 3], previews, "a digit 3 moving right")])
+            parts = stream.messages_sent
     finally:
         client.close()
     assert sorted(decisions["g0"]) == survivors
+    assert parts == (4 if part_bytes == 100 else 1)  # a 64-byte preview per part: the group in 4 parts
 
 
 def test_video_samples_are_frame_strips_and_a_gif(tmp_path):
