@@ -252,3 +252,18 @@ def test_reward_lists_split_outside_wrapper_parentheses():
     assert served_name("frames(digit, k=2)") == "digit" and served_name("digit") == "digit"
     with pytest.raises(ValueError, match="expected key=value"):
         parse_wrapper("frames(digit, 4)")
+
+
+def test_clients_treat_a_wrapper_of_a_group_aware_reward_as_group_aware(background_server, registrar):
+    from epgrpo.trainer.reward_client import RewardClient
+
+    server = background_server(registrar)
+    client = RewardClient(server.address)
+    try:
+        assert client.group_aware(["frames(test_brightness_rank, k=2)"])
+        assert not client.group_aware(["frames(jpeg_compressibility)", "temporal_consistency"])
+        client.require(["frames(jpeg_compressibility, k=all)", "first_frame(test_brightness_rank)"], "reward.rewards")
+        with pytest.raises(ValueError, match="does not serve frames\\(nope\\)"):
+            client.require(["frames(nope)"], "reward.rewards")
+    finally:
+        client.close()

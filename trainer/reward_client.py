@@ -91,7 +91,7 @@ class RewardClient:
         without the field says none)."""
         if self._group_aware is None:
             self.list_rewards()
-        return any(n in self._group_aware for n in names)
+        return any(served_name(n) in self._group_aware for n in names)  # a wrapper is group-aware as its reward
 
     def require(self, names: Sequence[str], field: str) -> None:
         """Fails fast, before any work, when the service does not serve a reward we need."""

@@ -85,7 +85,7 @@ class ProxyScorer:
                     raise Unavailable(f"reward service at {self.address} failed: ListRewards: {exc.code().name}: "
                                       f"{exc.details()}") from None
                 self._group_aware = set()  # a scorer serving Score only: it knows no groups
-        return any(name in self._group_aware for name, _ in rewards)
+        return any(served_name(name) in self._group_aware for name, _ in rewards)  # frames(x): as x
 
     async def score(
         self,
