@@ -15,7 +15,8 @@ interceptor therefore:
   ``epgrpo-retryable: budget`` (clients retry those with backoff);
 - once a message is read, resizes the reservation to the working set of serving it:
   ``factor x its size``, ``factor`` being ``budget.WORKING_SET_FACTOR`` unless the service
-  declares its own per method (``register.budget_factors``; the pruner's previews take 5.5x). A
+  declares its own per method (``register.budget_factors``; the pruner's previews take 5.5x), or
+  per message (a ``budget.WorkingSetFactor``: the reward service's videos take 3x). A
   growth waits like the first reservation; a message whose working set exceeds the whole budget
   is refused without the retryable mark (it can never succeed);
 - releases it when the call ends (and hands freed heap pages back to the OS, see ``_Trimmer``).
@@ -128,10 +129,16 @@ class _Gate:
     async def before_read(self) -> None:
         await self._resize(min(self.receive + self.last_size + self.extra, self.budget.capacity))
 
-    async def after_read(self, size: int) -> None:
+    async def after_read(self, size: int, message=None) -> None:
+        """Resizes to the working set of a ``size``-byte message: before it is parsed with the
+        largest factor it may need, after parsing (``message``) with its own (a per-message factor)."""
         self.last_size = size
+        if callable(self.factor):
+            factor = self.factor(message) if message is not None else self.factor.max_factor
+        else:
+            factor = self.factor
         # a shrink when the working set is no larger than the receive reservation, else a (waiting) growth
-        await self._resize(math.ceil(self.factor * size) + self.extra)
+        await self._resize(math.ceil(factor * size) + self.extra)
 
     async def grow(self, n: int, what: str) -> None:
         self.extra += n
@@ -181,9 +188,12 @@ class _Gate:
         if raw is grpc.aio.EOF:
             self.reservation.release()
             return raw
-        await self.after_read(len(raw))
+        size = len(raw)
+        await self.after_read(size)
         message = await self._parse(raw)
         del raw
+        if callable(self.factor):  # a per-message factor: the parsed message's own working set
+            await self.after_read(size, message)
         observe = getattr(self.context, "observe_received", None)  # the metrics interceptor's count
         if observe is not None:
             observe(message)
@@ -292,7 +302,8 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
         self.on_reject = on_reject  # called with the method of each rejected call (metrics)
         self.trimmer = _Trimmer(min(64 << 20, budget.capacity // 4))
         self._warned_at, self._unwarned = -math.inf, 0
-        factor = max([self.receive_factor, self.default_factor, *self.factors.values()])
+        factor = max([self.receive_factor, self.default_factor,
+                      *(getattr(f, "max_factor", f) for f in self.factors.values())])
         if self.worst_case(factor, clamp=False) > budget.capacity:
             log.warning("the memory budget (%s) is below what one largest request may hold (%s = %g x the %s "
                         "message limit): such requests get RESOURCE_EXHAUSTED; raise --max-inflight-mb or lower "

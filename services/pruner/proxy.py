@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 
 from epgrpo.protos import codec
+from epgrpo.protos.reward_names import served_name
 from epgrpo.protos.channel import DEFAULT_MAX_MESSAGE_BYTES, is_budget_rejection
 from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc, tensor_pb2
 from epgrpo.services.common.errors import (FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable,
@@ -108,7 +109,7 @@ class ProxyScorer:
                     raise Unavailable(f"the reward service failed: ListRewards: {exc.code().name} (the pruner's log "
                                       "has the details)") from None
                 self._group_aware = set()  # a scorer serving Score only: it knows no groups
-        return any(name in self._group_aware for name, _ in rewards)
+        return any(served_name(name) in self._group_aware for name, _ in rewards)  # frames(x): as x
 
     async def score(
         self,
@@ -228,7 +229,7 @@ class RoutedScorer:
         """(scorer, its rewards) in order of first appearance."""
         parts: dict[int, tuple[ProxyScorer, list]] = {}
         for name, weight in rewards:
-            scorer = self.routes.get(name, self.default)
+            scorer = self.routes.get(name, self.routes.get(served_name(name), self.default))  # frames(x) goes where x goes
             parts.setdefault(id(scorer), (scorer, []))[1].append((name, weight))
         return list(parts.values())
 

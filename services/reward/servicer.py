@@ -23,6 +23,8 @@ from epgrpo.services.reward.scorer import RewardScorer
 log = logging.getLogger("epgrpo.reward.servicer")
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+MODALITY_ENUM = {"image": reward_pb2.MODALITY_IMAGE, "video": reward_pb2.MODALITY_VIDEO,
+                 "both": reward_pb2.MODALITY_IMAGE_AND_VIDEO}
 
 
 NETWORK_THREADS = 8  # threads of a reward that waits on the network (RewardBackend.waits_on_network)
@@ -49,6 +51,13 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 for name, backend in scorer.backends.items() if not backend.group_aware
             }
 
+    def _executor(self, name: str) -> ThreadPoolExecutor:
+        """The pool of reward ``name``; a video wrapper ('frames(pickscore)') runs in its image reward's."""
+        backend = self.scorer.backend(name)
+        while getattr(backend, "inner_name", None) is not None:
+            name, backend = backend.inner_name, backend.inner
+        return self._executors[name]
+
     @staticmethod
     def _threads(backend, workers: int) -> int:
         if not backend.concurrent:
@@ -58,7 +67,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     @map_errors
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
         start = time.perf_counter()
-        images = to_numpy(request.images, "images", dtypes=("uint8",), ndim=4)
+        images = to_numpy(request.images, "images", dtypes=("uint8",))  # [N, H, W, C] or videos [N, T, H, W, C]
         # counts first: nothing is copied out of a request whose lists do not match its images
         n = len(images)
         self.scorer.check_size(n)
@@ -90,15 +99,17 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
         raws = await asyncio.gather(*(
             self.batchers[name].submit(images, prompts, metadata) if name in self.batchers else
-            loop.run_in_executor(self._executors[name], alone, name, weight)
+            loop.run_in_executor(self._executor(name), alone, name, weight)
             for name, weight in specs))
         return self.scorer.combine(specs, raws)
 
     @map_errors
     async def ListRewards(self, request: reward_pb2.ListRewardsRequest, context) -> reward_pb2.ListRewardsResponse:
-        return reward_pb2.ListRewardsResponse(
-            rewards=[reward_pb2.RewardInfo(**info) for info in self.scorer.describe()]
-        )
+        def info(fields: dict) -> reward_pb2.RewardInfo:
+            return reward_pb2.RewardInfo(**{**fields, "modality": MODALITY_ENUM[fields["modality"]]})
+
+        return reward_pb2.ListRewardsResponse(rewards=[info(f) for f in self.scorer.describe()],
+                                              wrappers=[info(f) for f in self.scorer.describe_wrappers()])
 
     def close(self) -> None:
         for executor in self._executors.values():

@@ -207,10 +207,18 @@ class ToyDigitPolicy(FineTunedPolicy):
         r = self.recipe_class(**meta["recipe"])
         self.setup_finetuning(transformer, device=torch.device(device), dtype=resolve_dtype(dtype, device),
                               lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets)
-        self.conditioner = DigitConditioner(r.tokens, r.heads * r.head_dim)
+        self.conditioner = self.build_conditioner(r)
         self.conditioner.load_state_dict(load_file(model_dir / "conditioner.safetensors"))
         self.conditioner.to(self.device).requires_grad_(False)
-        self.latent_shape = (1, r.image_size, r.image_size)
+        self.latent_shape = self.sample_shape(r)
+
+    @staticmethod
+    def build_conditioner(r: ToyRecipe) -> torch.nn.Module:
+        return DigitConditioner(r.tokens, r.heads * r.head_dim)
+
+    @staticmethod
+    def sample_shape(r: ToyRecipe) -> tuple[int, ...]:
+        return (1, r.image_size, r.image_size)
 
     @staticmethod
     def ensure_pretrained(recipe: ToyRecipe, progress: bool) -> Path:
