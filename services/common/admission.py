@@ -130,11 +130,12 @@ class _Gate:
         await self._resize(min(self.receive + self.last_size + self.extra, self.budget.capacity))
 
     async def after_read(self, size: int, message=None) -> None:
-        """Resizes to the working set of a ``size``-byte message: before it is parsed with the
-        largest factor it may need, after parsing (``message``) with its own (a per-message factor)."""
+        """Resizes to the working set of a ``size``-byte message. A per-message factor is known only
+        once the message is parsed (``message``): until then the parse's own working set counts (the
+        raw bytes and the parsed copy, ``WORKING_SET_FACTOR``)."""
         self.last_size = size
         if callable(self.factor):
-            factor = self.factor(message) if message is not None else self.factor.max_factor
+            factor = self.factor(message) if message is not None else min(WORKING_SET_FACTOR, self.factor.max_factor)
         else:
             factor = self.factor
         # a shrink when the working set is no larger than the receive reservation, else a (waiting) growth

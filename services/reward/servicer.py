@@ -13,6 +13,7 @@ import grpc
 
 from epgrpo.protos.codec import to_numpy
 from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc
+from epgrpo.services.common.errors import InvalidArgument
 from epgrpo.services.common.limits import check_count, check_id, metadata_dicts, texts
 from epgrpo.services.common.server import map_errors
 from epgrpo.services.reward import metrics as _metrics  # noqa: F401 - registers this service's metric extractors
@@ -67,7 +68,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     @map_errors
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
         start = time.perf_counter()
-        images = to_numpy(request.images, "images", dtypes=("uint8",))  # [N, H, W, C] or videos [N, T, H, W, C]
+        images = to_numpy(request.images, "images", dtypes=("uint8",))
+        if images.ndim not in (4, 5):
+            raise InvalidArgument(f"images.shape: expected images [N, H, W, C] or videos [N, T, H, W, C], "
+                                  f"got {list(images.shape)}")
         # counts first: nothing is copied out of a request whose lists do not match its images
         n = len(images)
         self.scorer.check_size(n)
