@@ -54,6 +54,7 @@ class ModelConfig:
                      "weights stay fp32 and SDE log-probs are computed in fp32")
     resolution: int = opt(0, "sd3, sd, flux: image side in pixels; 0 = the model's default (1024 for SD3.5-M and "
                           "FLUX.1, 512 for SD 1.4; Flow-GRPO trains at 512)")
+    num_frames: int = opt(0, "wan: video frames, 1 + 4k; 0 = the pipeline's default (81)")
     max_sequence_length: int = opt(128, "sd3, flux: T5 tokens per prompt")
     true_cfg_scale: float = opt(1.0, "flux: true classifier-free guidance with an empty negative prompt (> 1 runs both "
                                 "branches: 2 NFE per sample); sampling.guidance_scale is FLUX's distilled guidance "

@@ -10,6 +10,8 @@ this module (or starting the pruner) never loads a model.
 
 from __future__ import annotations
 
+import importlib
+import json
 import threading
 from pathlib import Path
 from typing import Callable, Protocol
@@ -127,6 +129,10 @@ class VaeDecoder:
         return np.ascontiguousarray(np.concatenate(out))
 
 
+# VAE classes (the ``_class_name`` of their config.json) with a decoder of their own; others: VaeDecoder
+VAE_DECODERS = {"AutoencoderKLWan": "epgrpo.services.pruner.decode_wan:WanVaeDecoder"}
+
+
 def parse_vae_spec(spec: str) -> tuple[str, str]:
     """'NAME=DIR' or 'DIR' (named "vae") -> (name, dir)."""
     name, sep, path = spec.partition("=")
@@ -143,4 +149,8 @@ def register_vae_decoder(name: str, path: str | Path, device: str = "auto", dtyp
     path = Path(path)
     if not ((path / "config.json").is_file() or (path / "vae" / "config.json").is_file()):
         raise ValueError(f"--vae {name}={path}: expected a diffusers VAE directory or a pipeline directory with vae/")
-    register_decoder(name, lambda: VaeDecoder(path, device, dtype), f"diffusers AutoencoderKL from {path}")
+    config = path / "config.json" if (path / "config.json").is_file() else path / "vae" / "config.json"
+    vae_class = json.loads(config.read_text()).get("_class_name", "AutoencoderKL")
+    module, _, decoder = VAE_DECODERS.get(vae_class, f"{__name__}:VaeDecoder").partition(":")
+    decoder_class = getattr(importlib.import_module(module), decoder)
+    register_decoder(name, lambda: decoder_class(path, device, dtype), f"diffusers {vae_class} from {path}")

@@ -99,7 +99,8 @@ class PolicyAdapter(ABC):
 _REGISTRY: dict[str, Callable[..., PolicyAdapter]] = {}
 # Built-in adapters register on import; imported only when asked for (no pipeline code otherwise).
 _BUILTIN = {"toy_digits": "epgrpo.trainer.policy.toy", "toy_digits_ddpm": "epgrpo.trainer.policy.toy_ddpm",
-            "sd3": "epgrpo.trainer.policy.sd3", "sd": "epgrpo.trainer.policy.sd", "flux": "epgrpo.trainer.policy.flux"}
+            "sd3": "epgrpo.trainer.policy.sd3", "sd": "epgrpo.trainer.policy.sd", "flux": "epgrpo.trainer.policy.flux",
+            "wan": "epgrpo.trainer.policy.wan"}
 
 
 def register_policy(name: str):
