@@ -312,3 +312,18 @@ def test_config_errors_name_their_key(tiny_wan_dir, tmp_path):
     default = make_policy(tiny_wan_dir, resolution=0, num_frames=0)  # the pipeline's own: 480p, 81 frames
     assert (default.resolution, default.num_frames, default.latent_shape) == (480, 81, (16, 21, 60, 60))
     assert default.max_sequence_length == TOKENS
+
+
+def test_wan21_t2v_1_3b_config_validates():
+    from epgrpo.trainer.config import load_config, schedule
+
+    config = load_config(REPO / "trainer" / "configs" / "wan21_t2v_1_3b.yaml", [])
+    m, s, p = config.model, config.sampling, config.prune
+    assert (m.name, m.lora_rank, m.lora_alpha, m.resolution, m.num_frames) == ("wan", 32, 64.0, 480, 81)
+    assert m.max_sequence_length == 512 and m.dtype == "bf16" and m.gradient_checkpointing and m.lora_targets == ""
+    assert (s.num_steps, s.guidance_scale, s.noise_level) == (20, 4.5, 0.7)
+    assert p.mode == "expand_prune" and p.group_size == 16 and schedule(config) == [(8, 8), (12, 4)]
+    # NFE per group as the comment says: 16 trajectories make steps 0-8, 8 steps 9-12, 4 steps 13-19
+    survivors = [16 if i <= 8 else 8 if i <= 12 else 4 for i in range(s.num_steps)]
+    assert sum(survivors) == 16 * 9 + 8 * 4 + 4 * 7 == 204 and 16 * s.num_steps == 320
+    assert config.eval.num_steps == 50 and config.train.train_batch_size == 1 and config.train.ema

@@ -19,8 +19,10 @@ grid, as flow_grpo's Wan trainer does (guard: the grid's second sigma).
 Guidance: true classifier-free guidance with the negative prompt (the pipeline's default, ""),
 ``u + s (c - u)`` at ``sampling.guidance_scale`` (Wan 2.1 recommends 5; off at <= 1), both branches
 in one batch (``nfe_per_sample`` 2). Text: UMT5 embeddings as ``WanPipeline.encode_prompt`` makes
-them (zeroed past the real tokens, padded to ``model.max_sequence_length``, 512 like the pipeline),
-each distinct prompt encoded once, the negative prompt once per run.
+them (zeroed past the real tokens, padded to ``model.max_sequence_length`` tokens), each distinct
+prompt encoded once, the negative prompt once per run. The transformer cross-attends to the padding
+too, so the padded length changes the video: WanPipeline pads to 512 (what Wan was trained with and
+the shipped config sets); ``model.max_sequence_length`` defaults to 128 for every family.
 
 Latents -> video: ``vae.decode(z * latents_std + latents_mean)`` per channel, then [-1, 1] ->
 uint8 ``[B, T, H, W, C]``, the pipeline's post-processing; the pruner's VAE decoder does the same
@@ -121,7 +123,7 @@ class WanPolicy(LatentPipelinePolicy):
         vae, transformer = pipe.vae, pipe.transformer
         if transformer.config.in_channels != vae.config.z_dim:
             raise ValueError(f"model.path: the transformer takes {transformer.config.in_channels} channels, the VAE "
-                             f"makes {vae.config.z_dim}: an image-to-video checkpoint? the wan adapter is text-to-video")
+                             f"makes {vae.config.z_dim}: an image-to-video checkpoint? wan is text-to-video")
         _check_size(resolution, num_frames, pipe.vae_scale_factor_spatial, transformer.config.patch_size[1],
                     pipe.vae_scale_factor_temporal)
         if vae.dtype != torch.float32:  # Wan's VAE runs in fp32 (as the reference code and flow_grpo do)
@@ -222,7 +224,7 @@ def wan_vae_decode_to_uint8(vae, latents: torch.Tensor, batch_size: int = 1) -> 
 
 @register_policy("wan")
 def _wan_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 5.0,
-                 resolution: int = 0, num_frames: int = 0, max_sequence_length: int = MAX_UMT5_TOKENS,
+                 resolution: int = 0, num_frames: int = 0, max_sequence_length: int = 128,
                  lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets: str = "",
                  gradient_checkpointing: bool = False, preview_decoder: str = "", progress: bool = True):
     return WanPolicy(path, device=device, dtype=dtype, guidance_scale=guidance_scale, resolution=resolution,
