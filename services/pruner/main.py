@@ -83,12 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     env_option(decoders, "--vae", env="EPGRPO_PRUNER_VAE", action="append", metavar="[NAME=]DIR",
                help="serve decoder NAME (default 'vae', what the trainer's sd3 adapter asks for) with the diffusers "
                     "AutoencoderKL in DIR (a VAE directory or a pipeline directory with vae/, e.g. "
-                    "/models/stable-diffusion-3.5-medium); loaded on first use; repeatable, the variable "
+                    "/models/stable-diffusion-3.5-medium; Wan's AutoencoderKLWan gets the video decoder); loaded on first use; repeatable, the variable "
                     "comma-separated")
     env_option(decoders, "--device", env="EPGRPO_PRUNER_DEVICE", default="auto",
                help="device of the VAE decoders: auto (cuda when present), cpu, cuda[:i] (default %(default)s)")
     decoders.add_argument("--vae-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                          help="VAE dtype; auto = bf16 on cuda, fp32 on cpu")
+                          help="VAE dtype; auto = bf16 on cuda, fp32 on cpu (Wan's VAE: fp32)")
     decoders.add_argument("--torch-threads", type=int, default=0,
                           help="intra-op CPU threads for the VAE decoders (default 0: torch's choice); 1 avoids "
                                "slowdowns when other processes share few cores")
