@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     env_option(decoders, "--vae", env="EPGRPO_PRUNER_VAE", action="append", metavar="[NAME=]DIR",
                help="serve decoder NAME (default 'vae', what the trainer's sd3 adapter asks for) with the diffusers "
                     "AutoencoderKL in DIR (a VAE directory or a pipeline directory with vae/, e.g. "
-                    "/models/stable-diffusion-3.5-medium; Wan's AutoencoderKLWan gets the video decoder); loaded on first use; repeatable, the variable "
+                    "/models/stable-diffusion-3.5-medium; Wan's AutoencoderKLWan gets the video decoder); loaded on "
+                    "first use; repeatable, the variable "
                     "comma-separated")
     env_option(decoders, "--device", env="EPGRPO_PRUNER_DEVICE", default="auto",
                help="device of the VAE decoders: auto (cuda when present), cpu, cuda[:i] (default %(default)s)")
