@@ -302,13 +302,16 @@ def test_config_errors_name_their_key(tiny_wan_dir, tmp_path):
             make_policy(tiny_wan_dir, num_frames=8)
         with pytest.raises(ValueError, match="model.max_sequence_length: expected 1..512 for wan"):
             make_policy(tiny_wan_dir, max_sequence_length=600)
-        # Wan 2.2 A14B (two experts): refused from the directory's model_index.json, before loading
+        # Wan 2.2 A14B (two experts): full fine-tuning refused from the directory's model_index.json, before loading
         two_experts = build_tiny_wan(tmp_path / "a14b", boundary_ratio=0.875)
-        index = json.loads((two_experts / "model_index.json").read_text())
-        index["transformer_2"] = index["transformer"]
-        (two_experts / "model_index.json").write_text(json.dumps(index))
-        with pytest.raises(ValueError, match=r"model.path: a Wan 2.2 A14B pipeline \(two experts"):
+        with pytest.raises(ValueError, match=r"model.lora_rank: Wan 2.2 A14B \(two 14B experts\) trains with LoRA only"):
             make_policy(two_experts)
+        index = json.loads((two_experts / "model_index.json").read_text())
+        index["boundary_ratio"] = None  # a second expert that would never run
+        (two_experts / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match=r"model.path: a Wan pipeline with transformer_2 set and boundary_ratio "
+                                             r"None: two experts need both"):
+            make_policy(two_experts, lora_rank=4)
     default = make_policy(tiny_wan_dir, resolution=0, num_frames=0)  # the pipeline's own: 480p, 81 frames
     assert (default.resolution, default.num_frames, default.latent_shape) == (480, 81, (16, 21, 60, 60))
     assert default.max_sequence_length == TOKENS
@@ -327,3 +330,53 @@ def test_wan21_t2v_1_3b_config_validates():
     survivors = [16 if i <= 8 else 8 if i <= 12 else 4 for i in range(s.num_steps)]
     assert sum(survivors) == 16 * 9 + 8 * 4 + 4 * 7 == 204 and 16 * s.num_steps == 320
     assert config.eval.num_steps == 50 and config.train.train_batch_size == 1 and config.train.ema
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_a14b_dir(tmp_path_factory):
+    """Wan 2.2 A14B-like: two experts, the second below boundary_ratio 0.8 (timesteps < 800: with 4
+    steps at [999, 900, 750, 500], steps 0-1 run `transformer`, steps 2-3 `transformer_2`)."""
+    from tiny_wan import build_tiny_wan
+
+    return build_tiny_wan(tmp_path_factory.mktemp("tiny-wan-a14b"), seed=2, boundary_ratio=0.8)
+
+
+def test_two_experts_switch_at_the_boundary_like_the_pipeline_and_both_loras_round_trip(tiny_wan_a14b_dir, tmp_path):
+    policy = make_policy(tiny_wan_a14b_dir, lora_rank=4, lora_alpha=8)
+    experts = policy.transformer
+    assert policy.two_experts and experts.boundary == 800.0
+    assert experts.high is policy.pipe.transformer and experts.low is policy.pipe.transformer_2
+    names = list(policy.state_dict())
+    assert any(n.startswith("high.blocks.0.attn1.to_q.lora_A") for n in names)
+    assert any(n.startswith("low.blocks.0.attn1.to_q.lora_A") for n in names)
+    sampler = policy.make_sampler(STEPS, SamplerOptions())
+    assert sampler.timesteps.tolist() == [999, 900, 750, 500]
+    calls = []
+    for name, expert in (("high", experts.high), ("low", experts.low)):
+        expert.register_forward_pre_hook(lambda *_, name=name: calls.append(name))
+    base = sample_ode(policy, PROMPTS, SEEDS, sampler)
+    assert calls == ["high", "high", "low", "low"]  # CFG in one batch: one call per step
+
+    pipe = load_pipeline(tiny_wan_a14b_dir)
+    torch.testing.assert_close(pipeline_sample(pipe, "latent"), base, rtol=0, atol=1e-5)
+    with mock.patch.object(policy.transformer, "boundary", 0.0):  # the high-noise expert alone samples elsewhere
+        assert (sample_ode(policy, PROMPTS, SEEDS, sampler) - base).abs().max() > 1e-3
+
+    batch = rollout(policy, PROMPTS, 3, sampler, seeds=sample_seeds(0, 1, 6))
+    advantages = group_advantages(torch.randn(6, generator=torch.Generator().manual_seed(0)), batch.group_index)
+    policy_update(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=0.05), batch, advantages, sampler,
+                  clip_range=1e-4, beta=0.04, inner_epochs=1, max_grad_norm=1.0, train_batch_size=6)
+    trained = sample_ode(policy, PROMPTS, SEEDS, sampler)
+    with policy.reference():  # both adapters disabled: the base experts
+        torch.testing.assert_close(sample_ode(policy, PROMPTS, SEEDS, sampler), base, rtol=0, atol=0)
+    paths = policy.export(tmp_path)
+    assert paths == [tmp_path / "lora", tmp_path / "lora_2"]
+    from safetensors.torch import load_file
+
+    for path in paths:  # steps 0-2 were trained: both experts' LoRAs moved
+        lora_b = [v for k, v in load_file(path / "pytorch_lora_weights.safetensors").items() if "lora_B" in k]
+        assert lora_b and all(v.abs().max() > 0 for v in lora_b), path
+    pipe.load_lora_weights(paths[0])
+    pipe.load_lora_weights(paths[1], load_into_transformer_2=True)
+    torch.testing.assert_close(pipeline_sample(pipe, "latent"), trained, rtol=0, atol=1e-5)
+    assert (trained - base).abs().max() > 1e-4

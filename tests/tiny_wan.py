@@ -23,9 +23,11 @@ NUM_FRAMES = 5  # video frames; latent frames (5 - 1) / 4 + 1 = 2
 MAX_TOKENS = 16  # a max_sequence_length that fits short prompts ("a red cat" is 11 tokens)
 
 
-def build_tiny_wan(directory: Path, seed: int = 0, flow_shift: float = 3.0, **pipeline_config) -> Path:
-    """Saves a random tiny WanPipeline to ``directory`` and returns it; ``pipeline_config``:
-    WanPipeline's own settings (boundary_ratio, expand_timesteps)."""
+def build_tiny_wan(directory: Path, seed: int = 0, flow_shift: float = 3.0, boundary_ratio: float | None = None,
+                   **pipeline_config) -> Path:
+    """Saves a random tiny WanPipeline to ``directory`` and returns it. ``boundary_ratio``: Wan 2.2
+    A14B-like, a second expert (``transformer_2``, other random weights) below it; ``pipeline_config``:
+    WanPipeline's other settings (expand_timesteps)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -36,11 +38,14 @@ def build_tiny_wan(directory: Path, seed: int = 0, flow_shift: float = 3.0, **pi
         relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
-    transformer = WanTransformer3DModel(
+    transformer_config = dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
         text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     )
+    transformer = WanTransformer3DModel(**transformer_config)
+    if boundary_ratio is not None:
+        pipeline_config.update(boundary_ratio=boundary_ratio, transformer_2=WanTransformer3DModel(**transformer_config))
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,

@@ -29,8 +29,12 @@ uint8 ``[B, T, H, W, C]``, the pipeline's post-processing; the pruner's VAE deco
 for x0-previews of any number of latent frames (``services/pruner/decode_wan.py``).
 
 Wan 2.2: TI2V-5B (48 latent channels, spatial factor 16, per-token timesteps: ``expand_timesteps``)
-samples text-to-video with the same code. A14B's two experts (``transformer_2`` below
-``boundary_ratio``) are refused: one adapter trains one network (LoRA/reference/FSDP/export).
+samples text-to-video with the same code. A14B's two experts (``transformer`` at timesteps >=
+``boundary_ratio`` x 1000, ``transformer_2`` below, as the pipeline switches them) are one trained
+network here (``WanExperts``): each step's batch shares one timestep, so one expert runs per call;
+LoRA adapts both (disabled together for the reference) and exports ``lora/`` and ``lora_2/`` (the
+latter for ``load_lora_weights(..., load_into_transformer_2=True)``). Full fine-tuning of the two
+14B experts (and so FSDP, which shards one transformer's blocks) is refused: LoRA only.
 """
 
 from __future__ import annotations
@@ -75,11 +79,48 @@ class PipelineTimestepSampler(FlowSampler):
                                        self.sigma_guard)
 
 
-def _refuse_two_experts(transformer_2, boundary_ratio) -> None:
-    if transformer_2 or boundary_ratio is not None:
-        raise ValueError("model.path: a Wan 2.2 A14B pipeline (two experts: transformer_2 below boundary_ratio "
-                         f"{boundary_ratio}) is not supported: the wan adapter trains one transformer; use Wan 2.1 "
-                         "T2V (1.3B/14B) or Wan 2.2 TI2V-5B")
+class WanExperts(torch.nn.Module):
+    """Wan 2.2 A14B's two experts as one network: ``high`` (the pipeline's ``transformer``) at
+    timesteps >= ``boundary``, ``low`` (``transformer_2``) below, the pipeline's switch. What
+    ``FineTunedPolicy`` calls on its transformer (LoRA, gradient checkpointing) reaches both."""
+
+    def __init__(self, high: torch.nn.Module, low: torch.nn.Module, boundary: float):
+        super().__init__()
+        self.high, self.low, self.boundary = high, low, float(boundary)
+
+    def forward(self, *, timestep: torch.Tensor, **inputs):
+        # every row of a call is at the same step (the rollout and the update batch by step)
+        expert = self.high if float(timestep.flatten()[0]) >= self.boundary else self.low
+        return expert(timestep=timestep, **inputs)
+
+    def add_adapter(self, config) -> None:
+        self.high.add_adapter(config)
+        self.low.add_adapter(config)
+
+    def disable_adapters(self) -> None:
+        self.high.disable_adapters()
+        self.low.disable_adapters()
+
+    def enable_adapters(self) -> None:
+        self.high.enable_adapters()
+        self.low.enable_adapters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.high.enable_gradient_checkpointing()
+        self.low.enable_gradient_checkpointing()
+
+
+def _check_experts(transformer_2, boundary_ratio, lora_rank: int) -> bool:
+    """Whether the pipeline has two experts; raises for what the adapter cannot train."""
+    if not transformer_2 and boundary_ratio is None:
+        return False
+    if not (transformer_2 and boundary_ratio is not None):
+        raise ValueError(f"model.path: a Wan pipeline with transformer_2 {'set' if transformer_2 else 'unset'} and "
+                         f"boundary_ratio {boundary_ratio}: two experts need both")
+    if lora_rank <= 0:
+        raise ValueError("model.lora_rank: Wan 2.2 A14B (two 14B experts) trains with LoRA only (full fine-tuning "
+                         "and FSDP shard one transformer); set model.lora_rank > 0")
+    return True
 
 
 def _check_size(resolution: int, num_frames: int, spatial: int = 8, patch: int = 2, temporal: int = 4) -> None:
@@ -91,12 +132,12 @@ def _check_size(resolution: int, num_frames: int, spatial: int = 8, patch: int =
                          f"1, 5, ..., 81), got {num_frames}")
 
 
-def _check_local(path: str) -> None:
+def _check_local(path: str, lora_rank: int) -> None:
     """What a local pipeline directory says, before minutes of loading."""
     index = Path(path) / "model_index.json"
     if index.is_file():
         config = json.loads(index.read_text())
-        _refuse_two_experts((config.get("transformer_2") or [None])[0], config.get("boundary_ratio"))
+        _check_experts((config.get("transformer_2") or [None])[0], config.get("boundary_ratio"), lora_rank)
 
 
 class WanPolicy(LatentPipelinePolicy):
@@ -114,11 +155,12 @@ class WanPolicy(LatentPipelinePolicy):
         resolution, num_frames = resolution or DEFAULT_RESOLUTION, num_frames or DEFAULT_NUM_FRAMES
         _check_size(resolution, num_frames)  # Wan 2.1's factors; checked again with the loaded VAE's
         if local:
-            _check_local(path)
+            _check_local(path, lora_rank)
         device = torch.device(device)
         torch_dtype = resolve_dtype(dtype, device)
         pipe = load_pipeline(WanPipeline, path, local, torch_dtype)
-        _refuse_two_experts(pipe.transformer_2, pipe.config.boundary_ratio)
+        boundary_ratio = pipe.config.boundary_ratio
+        self.two_experts = _check_experts(pipe.transformer_2, boundary_ratio, lora_rank)
         pipe.set_progress_bar_config(disable=not progress)
         vae, transformer = pipe.vae, pipe.transformer
         if transformer.config.in_channels != vae.config.z_dim:
@@ -129,8 +171,13 @@ class WanPolicy(LatentPipelinePolicy):
         if vae.dtype != torch.float32:  # Wan's VAE runs in fp32 (as the reference code and flow_grpo do)
             vae.to(torch.float32)
         targets = (parse_targets(lora_targets) if lora_targets else []) or list(WAN_LORA_TARGETS)
-        self.adopt_pipeline(pipe, path, device=device, dtype=torch_dtype, lora_rank=lora_rank,
-                            lora_alpha=lora_alpha, lora_targets=targets, gradient_checkpointing=gradient_checkpointing)
+        finetuning = dict(device=device, dtype=torch_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                          lora_targets=targets, gradient_checkpointing=gradient_checkpointing)
+        if self.two_experts:  # the pipeline's switch: transformer at t >= boundary_ratio x num_train_timesteps
+            boundary = boundary_ratio * pipe.scheduler.config.num_train_timesteps
+            self.adopt_experts(pipe, path, WanExperts(transformer, pipe.transformer_2, boundary), **finetuning)
+        else:
+            self.adopt_pipeline(pipe, path, **finetuning)
         self.guidance_scale = float(guidance_scale)
         self.nfe_per_sample = 2 if self.cfg else 1
         self.max_sequence_length = max_sequence_length
@@ -143,11 +190,34 @@ class WanPolicy(LatentPipelinePolicy):
         self.expand_timesteps = bool(pipe.config.expand_timesteps)
         self._negative: torch.Tensor | None = None
 
+    def adopt_experts(self, pipe, path: str, experts: WanExperts, **finetuning) -> None:
+        """``adopt_pipeline`` with both experts as the trained network (LoRA on each)."""
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module) and module not in (experts.high, experts.low):
+                module.to(finetuning["device"]).requires_grad_(False).eval()
+        self.setup_finetuning(experts, **finetuning)
+        self.pipe, self.vae, self.path = pipe, pipe.vae, path
+
+    def export(self, out_dir: Path) -> list[Path]:
+        """One transformer: ``LatentPipelinePolicy.export``. Two experts: ``lora/`` for
+        ``load_lora_weights(dir)`` and ``lora_2/`` for ``load_lora_weights(dir, load_into_transformer_2=True)``."""
+        if not self.two_experts:
+            return super().export(out_dir)
+        from peft.utils import get_peft_model_state_dict
+
+        targets = []
+        for expert, folder in ((self.transformer.high, "lora"), (self.transformer.low, "lora_2")):
+            layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(expert).items()}
+            targets.append(Path(out_dir) / folder)
+            type(self.pipe).save_lora_weights(targets[-1], transformer_lora_layers=layers,
+                                              transformer_lora_adapter_metadata=self.lora_config.to_dict())
+        return targets
+
     @property
     def tokens_per_sample(self) -> int:
         """Transformer tokens of one video (what the per-token timesteps of Wan 2.2 TI2V cover)."""
         _, frames, h, w = self.latent_shape
-        pt, ph, pw = self.transformer.config.patch_size
+        pt, ph, pw = self.pipe.transformer.config.patch_size
         return (frames // pt) * (h // ph) * (w // pw)
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
