@@ -5,7 +5,8 @@ From one unpruned rollout of large groups (every step's x0-preview recorded) thi
 - reward clustering: each group's final rewards, the max-variance subset OVF(k) vs a uniform
   random k-subset, and the std ratio OVF/uniform;
 - proxy fidelity: Spearman rho, within a group, between the preview reward at each step and the
-  final reward;
+  final reward; for a video model also of first-frame previews (x0[:, :, :1], what
+  ``prune.preview_frames=first`` sends), scored by their own proxy rewards;
 - what-if pruning: for any schedule, which trajectories would survive and the spread of their
   final rewards. This is exact, not a simulation: every trajectory draws its own noise, so a
   survivor's path is the same whether or not the others were pruned. Ablations: the pruning step
@@ -37,18 +38,29 @@ class GroupRecord:
     prompt: str
     final: np.ndarray  # [G] final rewards
     previews: np.ndarray  # [S, G] reward of the x0-preview computed at each step
+    first_frame: np.ndarray | None = None  # [S, G] video models: reward of each preview's first frame
 
 
-def collect(policy: PolicyAdapter, score: Callable[[np.ndarray, list[str]], np.ndarray], prompts: Sequence[str],
-            group_size: int, sampler: Sampler, seed: int = 0) -> list[GroupRecord]:
-    """One unpruned rollout with previews recorded; rewards of the finals and of every preview."""
+Score = Callable[[np.ndarray, list[str]], np.ndarray]
+
+
+def collect(policy: PolicyAdapter, score: Score, prompts: Sequence[str], group_size: int, sampler: Sampler,
+            seed: int = 0, proxy: Score | None = None, first_frame: Score | None = None) -> list[GroupRecord]:
+    """One unpruned rollout with previews recorded; rewards of the finals (``score``) and of every
+    preview (``proxy``, default ``score``). Video models (latents [C, F, H, W]) with ``first_frame``:
+    also the reward of every preview's first latent frame, decoded alone."""
+    proxy = proxy or score
     batch = rollout(policy, prompts, group_size, sampler,
                     seeds=sample_seeds(seed, 10_000, len(prompts) * group_size), record_previews=True)
     final = score(policy.decode(batch.final), batch.prompts)
-    previews = np.stack([score(policy.decode(batch.previews[:, i]), batch.prompts)
-                         for i in range(batch.previews.shape[1])])
+    steps = range(batch.previews.shape[1])
+    previews = np.stack([proxy(policy.decode(batch.previews[:, i]), batch.prompts) for i in steps])
+    first = None
+    if first_frame is not None and batch.previews.ndim == 6:  # [K, S, C, F, H, W]
+        first = np.stack([first_frame(policy.decode(batch.previews[:, i, :, :1]), batch.prompts) for i in steps])
     groups = batch.group_index.cpu().numpy()
-    return [GroupRecord(prompts[g], final[groups == g], previews[:, groups == g]) for g in range(len(prompts))]
+    return [GroupRecord(prompts[g], final[groups == g], previews[:, groups == g],
+                        None if first is None else first[:, groups == g]) for g in range(len(prompts))]
 
 
 def uniform_std(values: np.ndarray, k: int, rng: np.random.Generator, draws: int = 500) -> float:
@@ -67,12 +79,13 @@ def clustering(records: list[GroupRecord], k: int, select: Select, seed: int = 0
     return {"k": k, "groups": rows, "std_ratio_ovf_over_uniform": float(np.mean(ratio)) if ratio else float("nan")}
 
 
-def fidelity(records: list[GroupRecord]) -> dict:
-    """Mean (over groups) Spearman rho between each step's preview reward and the final reward."""
+def fidelity(records: list[GroupRecord], first_frame: bool = False) -> dict:
+    """Mean (over groups) Spearman rho between each step's preview reward (``first_frame``: the first
+    frame's) and the final reward."""
     steps = records[0].previews.shape[0]
     per_step = []
     for i in range(steps):
-        rhos = [spearmanr(r.previews[i], r.final).statistic for r in records]
+        rhos = [spearmanr((r.first_frame if first_frame else r.previews)[i], r.final).statistic for r in records]
         rhos = [x for x in rhos if np.isfinite(x)]  # constant rewards have no rank correlation
         per_step.append({"step": i, "rho_mean": float(np.mean(rhos)) if rhos else float("nan"),
                          "rho_std": float(np.std(rhos)) if rhos else float("nan"), "groups": len(rhos)})
@@ -147,8 +160,13 @@ def plot(result: dict, records: list[GroupRecord], out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    steps = result["fidelity"]["per_step"]
-    ax.errorbar([s["step"] for s in steps], [s["rho_mean"] for s in steps], yerr=[s["rho_std"] for s in steps], marker="o")
+    for key, label in (("fidelity", "whole preview"), ("fidelity_first_frame", "first frame only")):
+        if key in result:
+            steps = result[key]["per_step"]
+            ax.errorbar([s["step"] for s in steps], [s["rho_mean"] for s in steps], yerr=[s["rho_std"] for s in steps],
+                        marker="o", capsize=2, label=label)
+    if "fidelity_first_frame" in result:
+        ax.legend()
     ax.set_xlabel("step of the x0-preview")
     ax.set_ylabel("Spearman rho with final reward")
     ax.set_ylim(-0.2, 1.05)
@@ -186,6 +204,7 @@ def analyze(records: list[GroupRecord], select: Select, k: int, num_steps: int, 
         "group_size": g, "num_steps": num_steps, "groups": len(records),
         "clustering": clustering(records, k, select),
         "fidelity": fidelity(records),
+        **({"fidelity_first_frame": fidelity(records, first_frame=True)} if records[0].first_frame is not None else {}),
         "ablation_steps": schedule_ablation(records, {f"{s}": [(s, k)] for s in steps}, select, k),
         "ablation_gmax": schedule_ablation(
             records, {f"{n}": [(num_steps // 2, k)] for n in (g // 3, 2 * g // 3, g) if n > k}, select, k,

@@ -15,6 +15,7 @@ import textwrap
 
 import yaml
 
+from epgrpo.protos.reward_names import served_name
 from epgrpo.trainer import config as cfg
 
 
@@ -55,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--groups", type=int, default=10, help="prompts (groups) to sample (default %(default)s)")
     analyze.add_argument("--group-size", type=int, default=48, help="trajectories per group, G_max (default %(default)s)")
     analyze.add_argument("--keep", type=int, default=12, help="k, the subset size kept by pruning (default %(default)s)")
+    analyze.add_argument("--first-frame-rewards", default="", metavar="REWARDS",
+                         help="video models: the rewards ('name:weight,...') scoring each preview's first frame alone "
+                              "(what prune.preview_frames=first sends the pruner), for fidelity_first_frame in "
+                              "analysis.json; rewards of motion need two frames (default: prune.proxy_rewards, else "
+                              "reward.rewards)")
     show = sub.add_parser("config", help="print the resolved config as YAML (same arguments as train)")
     show.add_argument("--config", help="YAML file")
     show.add_argument("overrides", nargs="*", metavar="key=value")
@@ -97,8 +103,9 @@ def connected(config: cfg.Config):
         if config.launch_services:
             addresses = ""
             if dist.is_main:  # one local stack shared by all ranks
-                names = {n for spec in (config.reward.rewards, config.prune.proxy_rewards, config.reward.judge)
-                         for n, _ in cfg.parse_rewards(spec, "reward")}
+                names = {served_name(n) for spec in (config.reward.rewards, config.prune.proxy_rewards,
+                                                     config.reward.judge)
+                         for n, _ in cfg.parse_rewards(spec, "reward")}  # frames(digit) is served by digit
                 # rewards with their own service (reward.services) are scored there, also by the pruner
                 routes = {n: e if isinstance(e, str) else e["address"] for n, e in config.reward.services.items()}
                 names = (names - set(routes)) or {"jpeg_compressibility"}  # a cheap one keeps the stack whole
@@ -141,8 +148,11 @@ def run_training(config: cfg.Config):
             raise
 
 
-def run_analysis(config: cfg.Config, groups: int, group_size: int, keep: int):
-    """Collects an unpruned rollout with previews and writes analysis.json + plots to out_dir."""
+def run_analysis(config: cfg.Config, groups: int, group_size: int, keep: int, first_frame_rewards: str = ""):
+    """Collects an unpruned rollout with previews and writes analysis.json + plots to out_dir.
+    Finals are scored by reward.rewards, previews by prune.proxy_rewards (default: the same), and
+    for a video model also the first frame of every preview, by ``first_frame_rewards`` (default:
+    the proxy rewards)."""
     from pathlib import Path
 
     from epgrpo.trainer.analysis import analyze, collect
@@ -152,20 +162,29 @@ def run_analysis(config: cfg.Config, groups: int, group_size: int, keep: int):
     # the prompts the run trains on (train.prompt_file), else the evaluation prompts, else the digits
     source = config.train.prompt_file or config.eval.prompt_file
     pool = load_prompts(source, "train.prompt_file" if config.train.prompt_file else "eval.prompt_file") \
-        if source else DIGIT_PROMPTS
-    prompts = [pool[i % len(pool)] for i in range(groups)]
+        if source else None
     with connected(config) as (policy, reward, pruner):
+        pool = pool or getattr(policy, "default_prompts", None) or DIGIT_PROMPTS
+        prompts = [pool[i % len(pool)] for i in range(groups)]
         reward.require([n for n, _ in rewards], "reward.rewards")
         sampler = policy.make_sampler(config.sampling.num_steps, cfg.sampler_options(config))
 
-        def score(images, prompts_):
-            return reward.score(images, prompts_, rewards, request_id="analysis")[0]
+        def scorer(specs):
+            return lambda images, prompts_: reward.score(images, prompts_, specs, request_id="analysis")[0]
+
+        proxy = cfg.parse_rewards(config.prune.proxy_rewards, "prune.proxy_rewards") or rewards
+        reward.require([n for n, _ in proxy], "prune.proxy_rewards")
+        first = cfg.parse_rewards(first_frame_rewards, "--first-frame-rewards") or proxy
+        video = len(policy.latent_shape) == 4
+        if video:
+            reward.require([n for n, _ in first], "--first-frame-rewards")
 
         def select(scores, k):
             ids = list(range(len(scores)))
             return sorted(pruner.select_by_scores("analysis", ids, scores, k))
 
-        records = collect(policy, score, prompts, group_size, sampler, config.train.seed)
+        records = collect(policy, scorer(rewards), prompts, group_size, sampler, config.train.seed, proxy=scorer(proxy),
+                          first_frame=scorer(first) if video else None)
         analyze(records, select, keep, config.sampling.num_steps, Path(config.out_dir))
     return Path(config.out_dir) / "analysis.json"
 
@@ -195,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"epgrpo: error: --keep: expected 2 <= keep < group_size={args.group_size} and --groups >= 1, "
                       f"got keep={args.keep}, groups={args.groups}", file=sys.stderr)
                 return 2
-            summary = run_analysis(config, args.groups, args.group_size, args.keep)
+            summary = run_analysis(config, args.groups, args.group_size, args.keep, args.first_frame_rewards)
         else:
             summary = run_training(config)
     except ValueError as e:  # config problems found when talking to the services (e.g. missing reward)

@@ -156,13 +156,16 @@ class PrunerClient:
                    security=security_from(section))
 
     def open(self, schedule: Sequence[tuple[int, int]], num_steps: int, proxy_rewards: Sequence[tuple[str, float]],
-             strategy: str = "ovf", seed: int = 0, decoder: str = "pixel", rollout_id: str | None = None) -> "PrunerStream":
+             strategy: str = "ovf", seed: int = 0, decoder: str = "pixel", rollout_id: str | None = None,
+             preview_frames: str = "all") -> "PrunerStream":
+        """A pruning stream. ``preview_frames="first"``: of video previews [n, C, F, H, W] only the
+        first latent frame goes to the pruner (``prune.preview_frames``)."""
         message = pruner_pb2.OpenRollout(
             rollout_id=rollout_id or uuid.uuid4().hex, schedule=[pruner_pb2.Checkpoint(step=s, keep=k) for s, k in schedule],
             strategy=STRATEGIES[strategy], proxy_rewards=reward_specs(proxy_rewards), seed=seed, num_steps=num_steps,
             decoder=decoder,
         )
-        return PrunerStream(self.stub, message, self.deadline_s, self.max_request_bytes)
+        return PrunerStream(self.stub, message, self.deadline_s, self.max_request_bytes, preview_frames)
 
     def list_decoders(self) -> dict[str, str] | None:
         """The pruner's preview decoders by name; None for a pruner that predates ListDecoders."""
@@ -223,7 +226,10 @@ class PrunerStream:
     rollout is run again from the start (its noise is seeded, so it is the same rollout)."""
 
     def __init__(self, stub, open_message: pruner_pb2.OpenRollout, deadline_s: float,
-                 max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES):
+                 max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES, preview_frames: str = "all"):
+        if preview_frames not in ("all", "first"):
+            raise ValueError(f"prune.preview_frames: expected all or first, got {preview_frames!r}")
+        self.preview_frames = preview_frames
         self._requests: queue.Queue = queue.Queue()
         self._requests.put(pruner_pb2.PruneStreamRequest(open=open_message))
         self._responses = stub.PruneRollout(self._outgoing(), timeout=deadline_s)
@@ -238,6 +244,8 @@ class PrunerStream:
 
     def _parts(self, step: int, sigma: float, g: GroupState) -> list[Callable[[], pruner_pb2.PruneStreamRequest]]:
         previews = g.previews.detach()
+        if self.preview_frames == "first" and previews.ndim == 5:  # [n, C, F, H, W]: the first latent frame
+            previews = previews[:, :, :1].contiguous()
         if str(previews.dtype).removeprefix("torch.") not in _PREVIEW_WIRE_DTYPES:
             previews = previews.float()
         ids = list(g.trajectory_ids)

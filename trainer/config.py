@@ -15,8 +15,11 @@ from typing import Any, Literal
 
 import yaml
 
+from epgrpo.protos.reward_names import split_top_level
+
 # Modes are enumerations: a value outside them stops the run naming the field and the choices.
 PruneMode = Literal["grpo", "full_ovf", "expand_prune", "random_prune"]
+PreviewFrames = Literal["all", "first"]
 EvalSampler = Literal["auto", "deterministic", "stochastic"]
 OnUnavailable = Literal["retry", "no_prune"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
@@ -102,6 +105,10 @@ class PruneConfig:
                       "well from x_5 on; see docs/benchmarks.md)")
     keeps: list[int] = opt([8, 4], "survivors per group after each checkpoint (strictly decreasing)")
     proxy_rewards: str = opt("", "rewards scoring the x0-previews, 'name:weight,...'; empty = the training rewards")
+    preview_frames: PreviewFrames = opt("all", "video models: the x0-previews the pruner decodes and scores: all = every "
+                                        "latent frame; first = only the first latent frame (x0[:, :, :1]: a causal "
+                                        "video VAE decodes it to the first video frame alone; the proxy rewards then "
+                                        "see one-frame videos)")
     seed: int = opt(0, "seed of the random strategy")
 
 
@@ -344,10 +351,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def parse_rewards(spec: str, field_name: str) -> list[tuple[str, float]]:
-    """'digit:1.0,jpeg_compressibility:0.1' -> [(name, weight)]; a bare name has weight 1."""
+    """'digit:1.0,jpeg_compressibility:0.1' -> [(name, weight)]; a bare name has weight 1. Video
+    wrappers keep their options: 'frames(digit, k=4):0.5' -> ('frames(digit, k=4)', 0.5)."""
     out = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        name, _, weight = part.partition(":")
+    for part in [p.strip() for p in split_top_level(spec) if p.strip()]:
+        close = part.rfind(")") + 1  # the weight's ':' comes after a wrapper's options
+        head, _, weight = part[close:].partition(":")
+        name = (part[:close] + head).strip()
         try:
             w = float(weight) if weight else 1.0
         except ValueError:

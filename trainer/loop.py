@@ -55,6 +55,9 @@ class Trainer(TrainerState, IterationRetries):
         self.proxy_rewards = cfg.parse_rewards(config.prune.proxy_rewards, "prune.proxy_rewards") or self.rewards
         self.judge = cfg.parse_rewards(config.reward.judge, "reward.judge")
         self.schedule = cfg.schedule(config)
+        if config.prune.preview_frames == "first" and len(policy.latent_shape) != 4:
+            raise ValueError(f"prune.preview_frames: 'first' needs a video model (latents [C, F, H, W]); model "
+                             f"{config.model.name!r} has latents {list(policy.latent_shape)}")
         self.keep = cfg.final_keep(config)
         self.sampler = policy.make_sampler(config.sampling.num_steps, cfg.sampler_options(config))
         self.out = Path(config.out_dir)
@@ -74,7 +77,8 @@ class Trainer(TrainerState, IterationRetries):
         self.ema = EMA(policy.trainable_parameters(), t.ema_decay, t.ema_every) if t.ema else None
         self.tracker = PromptStatTracker(t.stat_buffer, t.stat_min_count, t.global_std, clip=t.adv_clip)
         # the embedded task's digit prompts unless a prompt file is given
-        self.prompts = load_prompts(t.prompt_file, "train.prompt_file") if t.prompt_file else DIGIT_PROMPTS
+        self.prompts = load_prompts(t.prompt_file, "train.prompt_file") if t.prompt_file else \
+            getattr(policy, "default_prompts", None) or DIGIT_PROMPTS  # a toy's own task (toy_video: moving digits)
         eval_prompts = load_prompts(config.eval.prompt_file, "eval.prompt_file") if config.eval.prompt_file else self.prompts
         self.eval_prompts = eval_prompts[:config.eval.max_prompts]
         self.prompts_per_iteration = min(t.prompts_per_iteration, len(self.prompts))
@@ -162,7 +166,8 @@ class Trainer(TrainerState, IterationRetries):
                     rollout_id = f"it{iteration}-r{self.dist.rank}" + (f"-w{k}" if len(waves) > 1 else "")
                     session = stack.enter_context(self.pruner.open(
                         self.schedule, c.sampling.num_steps, self.proxy_rewards, strategy,
-                        seed=c.prune.seed * 1_000_003 + iteration, decoder=self.preview_decoder, rollout_id=rollout_id))
+                        seed=c.prune.seed * 1_000_003 + iteration, decoder=self.preview_decoder, rollout_id=rollout_id,
+                        preview_frames=c.prune.preview_frames))
                     if c.pruner.on_unavailable == "no_prune":
                         session = FallbackPruneSession(session, rollout_id)
                 sessions.append(session)
@@ -304,6 +309,7 @@ class Trainer(TrainerState, IterationRetries):
         if done == 0 and main:
             evals = [first]
             writer.write("eval", first, 0)
+            writer.add_samples("eval/samples", last_images, 0, c.eval.samples_per_prompt)  # videos: TensorBoard video
             if self.wandb is not None:
                 self.wandb.log_evaluation(0, last_images, evals, iterations)
             save_grid(last_images, self.out / "samples_first.png", columns=c.eval.samples_per_prompt)
@@ -322,6 +328,7 @@ class Trainer(TrainerState, IterationRetries):
                 if evaluation:
                     evals.append(e)
                     writer.write("eval", e, it)
+                    writer.add_samples("eval/samples", last_images, it, c.eval.samples_per_prompt)
                     if self.wandb is not None:
                         self.wandb.log_evaluation(it, last_images, evals, iterations)
                     bar.write(f"eval @ {it}: reward {e['reward']:.3f}" + (f", judge {e['judge']:.3f}" if "judge" in e else ""))

@@ -40,6 +40,23 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log_scalars(scalars, step)
 
+    def add_samples(self, tag: str, images: np.ndarray, step: int, columns: int) -> None:
+        """Videos [N, T, H, W, C]: the animated sample grid as a TensorBoard video (``add_video``'s
+        summary: a GIF in an image summary, which TensorBoard plays). torch's ``add_video`` encodes
+        the GIF with moviepy 1.x (``moviepy.editor``, gone in moviepy 2); PIL encodes it here, so no
+        moviepy is needed. Images are not logged (the PNG grids in out_dir have them)."""
+        if self.tb is None or images.ndim != 5:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        gif = grid_gif(images, columns)
+        from PIL import Image
+        import io
+
+        width, height = Image.open(io.BytesIO(gif)).size
+        image = Summary.Image(height=height, width=width, colorspace=images.shape[-1], encoded_image_string=gif)
+        self.tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
     def flush(self) -> None:
         if self.tb is not None:
             self.tb.flush()
@@ -71,15 +88,46 @@ def pruning_metrics(record: dict) -> dict:
     return out
 
 
-def save_grid(images: np.ndarray, path: Path, columns: int, scale: int = 4) -> None:
-    """uint8 [N, H, W, C] -> one PNG grid (rows = prompts when N = prompts x columns)."""
+def save_grid(images: np.ndarray, path: Path, columns: int, scale: int = 4) -> list[Path]:
+    """uint8 [N, H, W, C] -> one PNG grid (rows = prompts when N = prompts x columns). Videos
+    [N, T, H, W, C]: the PNG shows each sample as a strip of its frames, and an animated GIF of the
+    grid (frame t of every sample at time t) goes beside it. Returns the paths written."""
+    path = Path(path)
     grid_image(images, columns, scale).save(path)
+    if images.ndim != 5:
+        return [path]
+    gif = path.with_suffix(".gif")
+    gif.write_bytes(grid_gif(images, columns, scale))
+    return [path, gif]
+
+
+def frame_strips(videos: np.ndarray) -> np.ndarray:
+    """uint8 [N, T, H, W, C] -> [N, H, T * (W + 1) - 1, C]: each video's frames side by side, in
+    time order, one gray column apart."""
+    n, t, h, w, c = videos.shape
+    strips = np.full((n, h, t * (w + 1) - 1, c), 128, dtype=np.uint8)
+    for k in range(t):
+        strips[:, :, k * (w + 1): k * (w + 1) + w] = videos[:, k]
+    return strips
+
+
+def grid_gif(videos: np.ndarray, columns: int, scale: int = 4, frame_ms: int = 250) -> bytes:
+    """An animated GIF (looping) of the sample grid over the videos' frames: frame t shows frame t of
+    every sample."""
+    import io
+
+    frames = [grid_image(np.ascontiguousarray(videos[:, t]), columns, scale) for t in range(videos.shape[1])]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return buffer.getvalue()
 
 
 def grid_image(images: np.ndarray, columns: int, scale: int = 4):
-    """The PIL image ``save_grid`` writes."""
+    """The PIL image ``save_grid`` writes (videos: frame strips)."""
     from PIL import Image
 
+    if images.ndim == 5:
+        images = frame_strips(images)
     n, h, w, c = images.shape
     rows = -(-n // columns)
     grid = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, c), 64, dtype=np.uint8)

@@ -13,6 +13,7 @@ import numpy as np
 
 from epgrpo.protos import codec
 from epgrpo.protos.channel import DEFAULT_MAX_MESSAGE_BYTES, REWARD_SERVICE, ChannelSecurity, create_channel
+from epgrpo.protos.reward_names import served_name
 from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc, tensor_pb2
 from epgrpo.trainer.clients import RetryBudget, ServiceCallError, capped_deadline, reward_specs, security_from
 
@@ -95,7 +96,7 @@ class RewardClient:
     def require(self, names: Sequence[str], field: str) -> None:
         """Fails fast, before any work, when the service does not serve a reward we need."""
         served = self.list_rewards()
-        missing = [n for n in names if n not in served]
+        missing = [n for n in names if served_name(n) not in served]  # frames(digit) needs digit
         if missing:
             raise ValueError(f"{field}: reward service does not serve {', '.join(missing)}; it serves: {', '.join(sorted(served))}")
 
@@ -166,7 +167,7 @@ class RewardRouter:
     def split(self, rewards: Sequence[tuple[str, float]]) -> list[tuple[RewardClient, list[tuple[str, float]]]]:
         parts: dict[int, tuple[RewardClient, list]] = {}
         for name, weight in rewards:
-            client = self.routes.get(name, self.default)
+            client = self.routes.get(name, self.routes.get(served_name(name), self.default))
             parts.setdefault(id(client), (client, []))[1].append((name, weight))
         return list(parts.values())
 

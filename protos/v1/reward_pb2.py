@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from epgrpo.protos.v1 import tensor_pb2 as epgrpo_dot_protos_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65pgrpo/protos/v1/reward.proto\x12\tepgrpo.v1\x1a\x1d\x65pgrpo/protos/v1/tensor.proto\"\xa5\x01\n\x0cScoreRequest\x12!\n\x06images\x18\x01 \x01(\x0b\x32\x11.epgrpo.v1.Tensor\x12\x0f\n\x07prompts\x18\x02 \x03(\t\x12%\n\x08metadata\x18\x03 \x03(\x0b\x32\x13.epgrpo.v1.Metadata\x12&\n\x07rewards\x18\x04 \x03(\x0b\x32\x15.epgrpo.v1.RewardSpec\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"<\n\x0cRewardScores\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0e\n\x06scores\x18\x03 \x03(\x02\"L\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12+\n\nper_reward\x18\x02 \x03(\x0b\x32\x17.epgrpo.v1.RewardScores\"\x14\n\x12ListRewardsRequest\"c\n\nRewardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x01(\t\x12\r\n\x05range\x18\x04 \x01(\t\x12\x13\n\x0bgroup_aware\x18\x05 \x01(\x08\"=\n\x13ListRewardsResponse\x12&\n\x07rewards\x18\x01 \x03(\x0b\x32\x15.epgrpo.v1.RewardInfo2\x99\x01\n\rRewardService\x12:\n\x05Score\x12\x17.epgrpo.v1.ScoreRequest\x1a\x18.epgrpo.v1.ScoreResponse\x12L\n\x0bListRewards\x12\x1d.epgrpo.v1.ListRewardsRequest\x1a\x1e.epgrpo.v1.ListRewardsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65pgrpo/protos/v1/reward.proto\x12\tepgrpo.v1\x1a\x1d\x65pgrpo/protos/v1/tensor.proto\"\xa5\x01\n\x0cScoreRequest\x12!\n\x06images\x18\x01 \x01(\x0b\x32\x11.epgrpo.v1.Tensor\x12\x0f\n\x07prompts\x18\x02 \x03(\t\x12%\n\x08metadata\x18\x03 \x03(\x0b\x32\x13.epgrpo.v1.Metadata\x12&\n\x07rewards\x18\x04 \x03(\x0b\x32\x15.epgrpo.v1.RewardSpec\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"<\n\x0cRewardScores\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0e\n\x06scores\x18\x03 \x03(\x02\"L\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12+\n\nper_reward\x18\x02 \x03(\x0b\x32\x17.epgrpo.v1.RewardScores\"\x14\n\x12ListRewardsRequest\"\x8a\x01\n\nRewardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x01(\t\x12\r\n\x05range\x18\x04 \x01(\t\x12\x13\n\x0bgroup_aware\x18\x05 \x01(\x08\x12%\n\x08modality\x18\x06 \x01(\x0e\x32\x13.epgrpo.v1.Modality\"f\n\x13ListRewardsResponse\x12&\n\x07rewards\x18\x01 \x03(\x0b\x32\x15.epgrpo.v1.RewardInfo\x12\'\n\x08wrappers\x18\x02 \x03(\x0b\x32\x15.epgrpo.v1.RewardInfo*j\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02\x12\x1c\n\x18MODALITY_IMAGE_AND_VIDEO\x10\x03\x32\x99\x01\n\rRewardService\x12:\n\x05Score\x12\x17.epgrpo.v1.ScoreRequest\x1a\x18.epgrpo.v1.ScoreResponse\x12L\n\x0bListRewards\x12\x1d.epgrpo.v1.ListRewardsRequest\x1a\x1e.epgrpo.v1.ListRewardsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epgrpo.protos.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODALITY']._serialized_start=650
+  _globals['_MODALITY']._serialized_end=756
   _globals['_SCOREREQUEST']._serialized_start=76
   _globals['_SCOREREQUEST']._serialized_end=241
   _globals['_REWARDSCORES']._serialized_start=243
@@ -40,10 +42,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERESPONSE']._serialized_end=381
   _globals['_LISTREWARDSREQUEST']._serialized_start=383
   _globals['_LISTREWARDSREQUEST']._serialized_end=403
-  _globals['_REWARDINFO']._serialized_start=405
-  _globals['_REWARDINFO']._serialized_end=504
-  _globals['_LISTREWARDSRESPONSE']._serialized_start=506
-  _globals['_LISTREWARDSRESPONSE']._serialized_end=567
-  _globals['_REWARDSERVICE']._serialized_start=570
-  _globals['_REWARDSERVICE']._serialized_end=723
+  _globals['_REWARDINFO']._serialized_start=406
+  _globals['_REWARDINFO']._serialized_end=544
+  _globals['_LISTREWARDSRESPONSE']._serialized_start=546
+  _globals['_LISTREWARDSRESPONSE']._serialized_end=648
+  _globals['_REWARDSERVICE']._serialized_start=759
+  _globals['_REWARDSERVICE']._serialized_end=912
 # @@protoc_insertion_point(module_scope)

@@ -1,11 +1,23 @@
 from epgrpo.protos.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODALITY_UNSPECIFIED: _ClassVar[Modality]
+    MODALITY_IMAGE: _ClassVar[Modality]
+    MODALITY_VIDEO: _ClassVar[Modality]
+    MODALITY_IMAGE_AND_VIDEO: _ClassVar[Modality]
+MODALITY_UNSPECIFIED: Modality
+MODALITY_IMAGE: Modality
+MODALITY_VIDEO: Modality
+MODALITY_IMAGE_AND_VIDEO: Modality
 
 class ScoreRequest(_message.Message):
     __slots__ = ("images", "prompts", "metadata", "rewards", "request_id")
@@ -44,21 +56,25 @@ class ListRewardsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RewardInfo(_message.Message):
-    __slots__ = ("name", "description", "inputs", "range", "group_aware")
+    __slots__ = ("name", "description", "inputs", "range", "group_aware", "modality")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     RANGE_FIELD_NUMBER: _ClassVar[int]
     GROUP_AWARE_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     inputs: str
     range: str
     group_aware: bool
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[str] = ..., range: _Optional[str] = ..., group_aware: _Optional[bool] = ...) -> None: ...
+    modality: Modality
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[str] = ..., range: _Optional[str] = ..., group_aware: _Optional[bool] = ..., modality: _Optional[_Union[Modality, str]] = ...) -> None: ...
 
 class ListRewardsResponse(_message.Message):
-    __slots__ = ("rewards",)
+    __slots__ = ("rewards", "wrappers")
     REWARDS_FIELD_NUMBER: _ClassVar[int]
+    WRAPPERS_FIELD_NUMBER: _ClassVar[int]
     rewards: _containers.RepeatedCompositeFieldContainer[RewardInfo]
-    def __init__(self, rewards: _Optional[_Iterable[_Union[RewardInfo, _Mapping]]] = ...) -> None: ...
+    wrappers: _containers.RepeatedCompositeFieldContainer[RewardInfo]
+    def __init__(self, rewards: _Optional[_Iterable[_Union[RewardInfo, _Mapping]]] = ..., wrappers: _Optional[_Iterable[_Union[RewardInfo, _Mapping]]] = ...) -> None: ...

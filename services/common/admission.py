@@ -15,7 +15,8 @@ interceptor therefore:
   ``epgrpo-retryable: budget`` (clients retry those with backoff);
 - once a message is read, resizes the reservation to the working set of serving it:
   ``factor x its size``, ``factor`` being ``budget.WORKING_SET_FACTOR`` unless the service
-  declares its own per method (``register.budget_factors``; the pruner's previews take 5.5x). A
+  declares its own per method (``register.budget_factors``; the pruner's previews take 5.5x), or
+  per message (a ``budget.WorkingSetFactor``: the reward service's videos take 3x). A
   growth waits like the first reservation; a message whose working set exceeds the whole budget
   is refused without the retryable mark (it can never succeed);
 - releases it when the call ends (and hands freed heap pages back to the OS, see ``_Trimmer``).
@@ -97,13 +98,14 @@ class _Gate:
         except BudgetExceeded as exc:
             await self._reject(exc)
 
-    async def after_read(self) -> None:
+    async def after_read(self, message=None) -> None:
         size = _MESSAGE_BYTES.get()
         if size is None:  # pragma: no cover - read through something other than our deserializer
             return  # keep the worst case
         self.last_size = size
+        factor = self.factor(message) if callable(self.factor) else self.factor
         try:  # a shrink when the working set is no larger than the receive reservation, else a (waiting) growth
-            await self.reservation.resize(math.ceil(self.factor * size), self._wait_s())
+            await self.reservation.resize(math.ceil(factor * size), self._wait_s())
         except BudgetExceeded as exc:
             await self._reject(exc)
 
@@ -119,7 +121,7 @@ class _Gate:
         if message is grpc.aio.EOF:
             self.reservation.release()
             return message
-        await self.after_read()
+        await self.after_read(message)
         return message
 
     def release(self) -> None:
@@ -194,7 +196,8 @@ class BudgetInterceptor(grpc.aio.ServerInterceptor):
         self.on_reject = on_reject  # called with the method of each rejected call (metrics)
         self.trimmer = _Trimmer(min(64 << 20, budget.capacity // 4))
         self._warned_at, self._unwarned = -math.inf, 0
-        factor = max([self.receive_factor, self.default_factor, *self.factors.values()])
+        factor = max([self.receive_factor, self.default_factor,
+                      *(getattr(f, "max_factor", f) for f in self.factors.values())])
         if self.worst_case(factor, clamp=False) > budget.capacity:
             log.warning("the memory budget (%s) is below what one largest request may hold (%s = %g x the %s "
                         "message limit): such requests get RESOURCE_EXHAUSTED; raise --max-inflight-mb or lower "

@@ -40,6 +40,22 @@ RECEIVE_FACTOR = 3.0
 # (Score; ModelInfer likewise): RSS rises by ~2x the bytes of the requests being served
 # (bench/soak.py --flood). The pruner declares 5.5x for previews (services/pruner/main.py).
 WORKING_SET_FACTOR = 2.0
+# The same for a reward request carrying videos [N, T, H, W, C]: the message and its array as above,
+# plus the frames a video reward gathers from them (``frames(...)`` copies the k frames it scores,
+# at most the whole array: +1x). Per-video float temporaries (temporal_consistency) are one video's,
+# not the batch's. Counted from the copies the code makes, not measured like the 2x above.
+VIDEO_WORKING_SET_FACTOR = 3.0
+
+
+class WorkingSetFactor:
+    """A per-message factor for ``register.budget_factors``: ``of(message)`` bytes held per request
+    byte, at most ``max_factor`` (what the admission's worst case assumes)."""
+
+    def __init__(self, of, max_factor: float):
+        self.of, self.max_factor = of, float(max_factor)
+
+    def __call__(self, message) -> float:
+        return min(self.max_factor, float(self.of(message)))
 # The longest a call waits for room before RESOURCE_EXHAUSTED (less when its deadline is nearer):
 # long enough for calls holding small messages to finish, short enough that a flood is shed at
 # once instead of queueing (clients back off and retry).

@@ -1,4 +1,6 @@
-"""Preview decoders: x̂0-previews [N, C, H, W] -> uint8 images [N, H, W, C] for the reward service.
+"""Preview decoders: x̂0-previews [N, C, H, W] -> uint8 images [N, H, W, C] for the reward service,
+and video previews [N, C, F, H, W] -> uint8 videos [N, T, H, W, C]. A decoder decodes whatever
+frame count it receives (a trainer with ``prune.preview_frames=first`` sends one).
 
 A registry by name (the rollout's ``decoder`` field). "pixel" is the identity decode of
 pixel-space models (values in [-1, 1]). Latent models use a VAE decoder that the *pruner's operator*
@@ -25,7 +27,8 @@ DEFAULT_DECODER = "pixel"
 
 class Decoder(Protocol):
     def __call__(self, previews: np.ndarray, field: str) -> np.ndarray:
-        """float previews [N, C, H, W] -> uint8 [N, H, W, C]; InvalidArgument naming ``field``."""
+        """float previews [N, C, H, W] -> uint8 [N, H, W, C] (videos: [N, C, F, H, W] -> uint8
+        [N, T, H, W, C]); InvalidArgument naming ``field``."""
 
 
 _FACTORIES: dict[str, Callable[[], Decoder]] = {}
@@ -69,19 +72,21 @@ def get_decoder(name: str, field: str = "decoder") -> Decoder:
 
 
 def pixel_decode(previews: np.ndarray, field: str = "previews") -> np.ndarray:
-    """[-1, 1] floats [N, C, H, W] -> uint8 [N, H, W, C] = round(clip((x + 1) / 2, 0, 1) * 255)."""
-    if previews.ndim != 4 or previews.shape[1] not in (1, 3):
-        raise InvalidArgument(
-            f"{field}.shape: expected [N, C, H, W] with C in {{1, 3}} for the pixel decoder, got {list(previews.shape)}"
-        )
+    """[-1, 1] floats [N, C, H, W] -> uint8 [N, H, W, C] = round(clip((x + 1) / 2, 0, 1) * 255);
+    videos [N, C, T, H, W] -> uint8 [N, T, H, W, C] the same way."""
+    if previews.ndim not in (4, 5) or previews.shape[1] not in (1, 3):
+        raise InvalidArgument(f"{field}.shape: expected [N, C, H, W] (images) or [N, C, T, H, W] (videos) with C in "
+                              f"{{1, 3}} for the pixel decoder, got {list(previews.shape)}")
     if previews.dtype.kind != "f":
         raise InvalidArgument(f"{field}.dtype: expected floats for the pixel decoder, got {previews.dtype}")
     x = previews.astype(np.float32, copy=False)
     pixels = np.rint(np.clip((x + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
+    channels_last = (0, 2, 3, 1) if pixels.ndim == 4 else (0, 2, 3, 4, 1)
+    return np.ascontiguousarray(pixels.transpose(channels_last))
 
 
-register_decoder("pixel", lambda: pixel_decode, "identity: pixel-space previews in [-1, 1]")
+register_decoder("pixel", lambda: pixel_decode, "identity: pixel-space previews in [-1, 1] (images [N, C, H, W] or "
+                                                "videos [N, C, T, H, W])")
 
 
 class VaeDecoder:

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 
 from epgrpo.protos import codec
+from epgrpo.protos.reward_names import served_name
 from epgrpo.protos.channel import DEFAULT_MAX_MESSAGE_BYTES, is_budget_rejection
 from epgrpo.protos.v1 import reward_pb2, reward_pb2_grpc, tensor_pb2
 from epgrpo.services.common.errors import InvalidArgument, Unavailable
@@ -190,7 +191,7 @@ class RoutedScorer:
         """(scorer, its rewards) in order of first appearance."""
         parts: dict[int, tuple[ProxyScorer, list]] = {}
         for name, weight in rewards:
-            scorer = self.routes.get(name, self.default)
+            scorer = self.routes.get(name, self.routes.get(served_name(name), self.default))  # frames(x) goes where x goes
             parts.setdefault(id(scorer), (scorer, []))[1].append((name, weight))
         return list(parts.values())
 

@@ -83,7 +83,10 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         if not proxy.rewards:
             raise InvalidArgument(f"{proxy.rewards_field}: expected at least one reward to score checkpoint.previews, "
                                   "got none")
-        previews = codec.to_numpy(checkpoint.previews, "checkpoint.previews", dtypes=PREVIEW_DTYPES, ndim=4)
+        previews = codec.to_numpy(checkpoint.previews, "checkpoint.previews", dtypes=PREVIEW_DTYPES)
+        if previews.ndim not in (4, 5):
+            raise InvalidArgument(f"checkpoint.previews.shape: expected [N, C, H, W] (images) or [N, C, F, H, W] "
+                                  f"(videos), got {list(previews.shape)}")
         if previews.shape[0] != n:
             raise InvalidArgument(f"checkpoint.previews.shape: expected {n} previews (one per trajectory id), "
                                   f"got {previews.shape[0]}")

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import grpc
 
 from epgrpo.protos.v1 import oip_pb2_grpc, reward_pb2_grpc
+from epgrpo.services.common.budget import VIDEO_WORKING_SET_FACTOR, WORKING_SET_FACTOR, WorkingSetFactor
 from epgrpo.services.common.errors import ServiceError
 from epgrpo.services.common.options import env_option
 from epgrpo.services.common.server import (
@@ -78,7 +79,19 @@ def build_registrar(
         oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(servicer), server)
         return [SERVICE_NAME, OIP_SERVICE_NAME]
 
+    # Videos hold more per request byte than images while served (services/common/budget.py).
+    register.budget_factors = {f"/{SERVICE_NAME}/Score": WorkingSetFactor(_score_factor, VIDEO_WORKING_SET_FACTOR),
+                               f"/{OIP_SERVICE_NAME}/ModelInfer": WorkingSetFactor(_infer_factor, VIDEO_WORKING_SET_FACTOR)}
     return register
+
+
+def _score_factor(request) -> float:
+    return VIDEO_WORKING_SET_FACTOR if len(request.images.shape) == 5 else WORKING_SET_FACTOR
+
+
+def _infer_factor(request) -> float:
+    video = any(t.name == "IMAGES" and len(t.shape) == 5 for t in request.inputs)
+    return VIDEO_WORKING_SET_FACTOR if video else WORKING_SET_FACTOR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,8 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_rewards:
         for name in available_backends():
             cls = backend_class(name)
-            print(f"{name}: {cls.description}\n    inputs: {cls.inputs}; range: {cls.range}"
+            print(f"{name}: {cls.description}\n    inputs: {cls.inputs}; range: {cls.range}; scores: {cls.modality}s"
+                  .replace("boths", "images and videos")
                   + ("; group-aware (scores each image against its group)" if cls.group_aware else ""))
+        print("  and video rewards made from any served image reward by name: frames(<image reward>[, k=N|all]"
+              "[, at=uniform|start|end])\n    (averaged over k frames, default 4 evenly spaced), first_frame(<image reward>)")
         return 0
     if args.workers < 1:
         print(f"epgrpo-reward: error: --workers: expected >= 1, got {args.workers}", file=sys.stderr)

@@ -1,6 +1,8 @@
 """Open Inference Protocol (KServe v2) gRPC front of the reward service, on the same port.
 
-Every served reward is a model (version "1"): input ``IMAGES`` (UINT8 [N, H, W, C], C = 1 or 3),
+Every served reward is a model (version "1"): input ``IMAGES`` (UINT8 [N, H, W, C], C = 1 or 3; for a
+video reward UINT8 [N, T, H, W, C], T frames per video, as ModelMetadata's 5-dimensional shape says;
+a reward that takes both declares the image shape and accepts videos too),
 input ``PROMPTS`` (BYTES, N UTF-8 strings; optional for rewards that ignore the prompt), output
 ``SCORE`` (FP32 [N], the reward's raw score). A group-aware reward (a win rate within the group)
 declares a third input, ``GROUP`` (BYTES, each image's group id; without it the request is one
@@ -40,9 +42,12 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         self.rewards = rewards  # its scorer, executor and batchers are shared
 
     def _model(self, name: str, version: str, field: str) -> str:
-        if name not in self.rewards.scorer.backends:
+        try:
+            self.rewards.scorer.backend(name, field)
+        except InvalidArgument:
             served = ", ".join(sorted(self.rewards.scorer.backends))
-            raise NotFound(f"{field}: no model {show(name)}; this server's models (rewards) are: {served}")
+            raise NotFound(f"{field}: no model {show(name)}; this server's models (rewards) are: {served}, and "
+                           "video wrappers of its image rewards such as frames(NAME, k=4)") from None
         if version not in ("", MODEL_VERSION):
             raise NotFound(f"{field}: model {name!r} has only version {MODEL_VERSION}, not {show(version)}")
         return name
@@ -57,7 +62,12 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
 
     @map_errors
     async def ModelReady(self, request, context):
-        ready = request.name in self.rewards.scorer.backends and request.version in ("", MODEL_VERSION)
+        try:
+            self.rewards.scorer.backend(request.name)
+            known = True
+        except InvalidArgument:
+            known = False
+        ready = known and request.version in ("", MODEL_VERSION)
         return oip_pb2.ModelReadyResponse(ready=ready)
 
     @map_errors
@@ -68,9 +78,11 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context):
         name = self._model(request.name, request.version, "name")
         tensor = oip_pb2.ModelMetadataResponse.TensorMetadata
-        inputs = [tensor(name=IMAGES, datatype="UINT8", shape=[-1, -1, -1, -1]),
+        backend = self.rewards.scorer.backend(name)
+        dims = 5 if backend.modality == "video" else 4
+        inputs = [tensor(name=IMAGES, datatype="UINT8", shape=[-1] * dims),
                   tensor(name=PROMPTS, datatype="BYTES", shape=[-1])]
-        if self.rewards.scorer.backends[name].group_aware:
+        if backend.group_aware:
             inputs.append(tensor(name=GROUP, datatype="BYTES", shape=[-1]))
         return oip_pb2.ModelMetadataResponse(
             name=name, versions=[MODEL_VERSION], platform=PLATFORM, inputs=inputs,
@@ -113,10 +125,11 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
             except WireError as exc:
                 raise InvalidArgument(f"inputs[{i}] ({exc})") from None
         if IMAGES not in tensors:
-            raise InvalidArgument(f"inputs: expected an input named {IMAGES} (UINT8 [N, H, W, C])")
+            raise InvalidArgument(f"inputs: expected an input named {IMAGES} (UINT8 [N, H, W, C] or [N, T, H, W, C])")
         images = tensors[IMAGES]
-        if images.ndim != 4:
-            raise InvalidArgument(f"{IMAGES}.shape: expected [N, H, W, C], got {list(images.shape)}")
+        if images.ndim not in (4, 5):
+            raise InvalidArgument(f"{IMAGES}.shape: expected images [N, H, W, C] or videos [N, T, H, W, C], "
+                                  f"got {list(images.shape)}")
         prompts = _strings(tensors, PROMPTS, len(images))
         return images, prompts if prompts is not None else [""] * len(images), _strings(tensors, GROUP, len(images))
 

@@ -22,6 +22,8 @@ from epgrpo.services.reward.scorer import RewardScorer
 log = logging.getLogger("epgrpo.reward.servicer")
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+MODALITY_ENUM = {"image": reward_pb2.MODALITY_IMAGE, "video": reward_pb2.MODALITY_VIDEO,
+                 "both": reward_pb2.MODALITY_IMAGE_AND_VIDEO}
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
@@ -44,7 +46,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     @map_errors
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
         start = time.perf_counter()
-        images = to_numpy(request.images, "images", dtypes=("uint8",), ndim=4)
+        images = to_numpy(request.images, "images", dtypes=("uint8",))  # [N, H, W, C] or videos [N, T, H, W, C]
         prompts = list(request.prompts)
         metadata = [dict(m.fields) for m in request.metadata]
         specs = [(spec.name, spec.weight) for spec in request.rewards]
@@ -74,9 +76,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     @map_errors
     async def ListRewards(self, request: reward_pb2.ListRewardsRequest, context) -> reward_pb2.ListRewardsResponse:
-        return reward_pb2.ListRewardsResponse(
-            rewards=[reward_pb2.RewardInfo(**info) for info in self.scorer.describe()]
-        )
+        def info(fields: dict) -> reward_pb2.RewardInfo:
+            return reward_pb2.RewardInfo(**{**fields, "modality": MODALITY_ENUM[fields["modality"]]})
+
+        return reward_pb2.ListRewardsResponse(rewards=[info(f) for f in self.scorer.describe()],
+                                              wrappers=[info(f) for f in self.scorer.describe_wrappers()])
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

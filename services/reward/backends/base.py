@@ -23,10 +23,23 @@ from epgrpo.services.common.errors import InvalidArgument
 # Modules whose import registers the built-in backends (imported on first registry use, so
 # importing this module stays cheap).
 _BUILTIN_MODULES = tuple(
-    f"epgrpo.services.reward.backends.{m}" for m in ("digits", "jpeg", "ocr", "clip", "vlm_judge", "hps", "imagereward")
+    f"epgrpo.services.reward.backends.{m}"
+    for m in ("digits", "jpeg", "ocr", "clip", "vlm_judge", "hps", "imagereward", "video", "vlm_video", "digit_video")
 )
 _REGISTRY: dict[str, type["RewardBackend"]] = {}
 GROUP_KEY = "group"  # per-image metadata naming the image's group
+# What a backend scores (``RewardBackend.modality``): images [N, H, W, C], videos [N, T, H, W, C], or both.
+IMAGE, VIDEO, BOTH = "image", "video", "both"
+MODALITIES = (IMAGE, VIDEO, BOTH)
+
+
+def batch_modality(images: np.ndarray) -> str:
+    """IMAGE for a [N, H, W, C] batch, VIDEO for [N, T, H, W, C]."""
+    return VIDEO if images.ndim == 5 else IMAGE
+
+
+def accepts(modality: str, batch: str) -> bool:
+    return modality == BOTH or modality == batch
 
 
 def group_indices(metadata: Sequence[dict]) -> list[np.ndarray]:
@@ -53,11 +66,13 @@ def check_batch(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[d
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         dtype = getattr(images, "dtype", type(images).__name__)
         raise InvalidArgument(f"images.dtype: expected uint8, got {dtype}")
-    if images.ndim != 4 or images.shape[3] not in (1, 3):
-        raise InvalidArgument(f"images.shape: expected [N, H, W, C] with C in {{1, 3}}, got {list(images.shape)}")
-    n, h, w, _ = images.shape
-    if n < 1 or h < 1 or w < 1:
-        raise InvalidArgument(f"images.shape: expected N, H, W >= 1, got {list(images.shape)}")
+    if images.ndim not in (4, 5) or images.shape[-1] not in (1, 3):
+        raise InvalidArgument(f"images.shape: expected [N, H, W, C] with C in {{1, 3}} (images) or [N, T, H, W, C] "
+                              f"(videos), got {list(images.shape)}")
+    if min(images.shape[:-1]) < 1:
+        names = "N, T, H, W" if images.ndim == 5 else "N, H, W"
+        raise InvalidArgument(f"images.shape: expected {names} >= 1, got {list(images.shape)}")
+    n = images.shape[0]
     if len(prompts) != n:
         raise InvalidArgument(f"prompts: expected {n} prompts (one per image), got {len(prompts)}")
     for i, prompt in enumerate(prompts):
@@ -73,8 +88,22 @@ def check_batch(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[d
     return list(metadata)
 
 
+def check_modality(name: str, modality: str, images: np.ndarray, field: str = "rewards") -> None:
+    """InvalidArgument naming the reward when it does not score this batch's modality."""
+    batch = batch_modality(images)
+    if accepts(modality, batch):
+        return
+    if batch == VIDEO:
+        hint = (f"; score videos with a video reward, e.g. frames({name}) (k frames averaged) or "
+                f"first_frame({name})")
+        raise InvalidArgument(f"{field}: reward {name!r} scores images [N, H, W, C], got videos "
+                              f"{list(images.shape)}{hint}")
+    raise InvalidArgument(f"{field}: reward {name!r} scores videos [N, T, H, W, C], got images {list(images.shape)}")
+
+
 class RewardBackend(abc.ABC):
-    """Scores uint8 images [N, H, W, C] against their prompts; higher is better."""
+    """Scores uint8 images [N, H, W, C] (or videos [N, T, H, W, C], see ``modality``) against their
+    prompts; higher is better."""
 
     name: ClassVar[str] = ""  # set by @register_backend
     description: ClassVar[str] = ""
@@ -86,6 +115,9 @@ class RewardBackend(abc.ABC):
     #: scores an image relative to the others of its group: ``_score`` gets one whole group per call
     #: (see the module docstring), and clients must never split a group across requests.
     group_aware: ClassVar[bool] = False
+    #: the batches it scores: IMAGE ([N, H, W, C]), VIDEO ([N, T, H, W, C]) or BOTH; ``score``
+    #: refuses the other modality with InvalidArgument naming the reward
+    modality: ClassVar[str] = IMAGE
 
     def __init__(self, device: str = "cpu"):
         self.device = device
@@ -93,6 +125,7 @@ class RewardBackend(abc.ABC):
     def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict] = ()) -> np.ndarray:
         """float32 [N] scores. Raises InvalidArgument naming the field of a bad sample."""
         metadata = check_batch(images, prompts, metadata)
+        check_modality(self.name, self.modality, images)
         if not self.group_aware:
             return np.asarray(self._score(images, list(prompts), metadata), dtype=np.float32)
         scores = np.empty(len(images), dtype=np.float32)
@@ -111,7 +144,7 @@ class RewardBackend(abc.ABC):
 
     def info(self) -> dict[str, str | bool]:
         return {"name": self.name, "description": self.description, "inputs": self.inputs, "range": self.range,
-                "group_aware": self.group_aware}
+                "group_aware": self.group_aware, "modality": self.modality}
 
 
 def register_backend(name: str) -> Callable[[type[RewardBackend]], type[RewardBackend]]:
