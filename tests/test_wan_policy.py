@@ -332,6 +332,7 @@ def test_wan21_t2v_1_3b_config_validates():
     survivors = [16 if i <= 8 else 8 if i <= 12 else 4 for i in range(s.num_steps)]
     assert sum(survivors) == 16 * 9 + 8 * 4 + 4 * 7 == 204 and 16 * s.num_steps == 320
     assert config.eval.num_steps == 50 and config.train.train_batch_size == 1 and config.train.ema
+    assert config.reward.rewards == "frames(pickscore):1.0" and p.preview_frames == "all"
 
 
 @pytest.fixture(scope="module")
