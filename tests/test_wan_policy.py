@@ -501,3 +501,22 @@ def test_analyze_runs_on_wan_with_first_frame_fidelity(tiny_wan_dir, tmp_path):
     result = json.loads((out / "analysis.json").read_text())
     assert [g["prompt"] for g in result["clustering"]["groups"]] == ["a red cat", "a blue dog"]
     assert len(result["fidelity"]["per_step"]) == 3 and len(result["fidelity_first_frame"]["per_step"]) == 3
+
+
+def test_bf16_keeps_the_vae_lora_and_log_probs_in_fp32(tiny_wan_dir):
+    policy = make_policy(tiny_wan_dir, lora_rank=4, dtype="bf16")
+    assert policy.vae.dtype == torch.float32  # loaded in fp32, not cast up from bf16
+    assert policy.pipe.text_encoder.dtype == torch.bfloat16
+    assert {p.dtype for p in policy.trainable_parameters()} == {torch.float32}
+    assert {p.dtype for p in policy.transformer.parameters() if not p.requires_grad} == {torch.bfloat16}
+    sampler = policy.make_sampler(STEPS, SamplerOptions())
+    batch = rollout(policy, PROMPTS, 2, sampler, seeds=sample_seeds(0, 2, 4))
+    assert batch.log_probs.dtype == torch.float32 and torch.isfinite(batch.log_probs[:, :-1]).all()
+    full = make_policy(tiny_wan_dir, lora_rank=4)
+    x = seed_noise()
+    v32 = full.predict(x, sampler.timestep(1), full.encode_prompts(PROMPTS))
+    v16 = policy.predict(x, sampler.timestep(1), policy.encode_prompts(PROMPTS))
+    assert v16.dtype == torch.float32 and v16.shape == x.shape
+    assert (v16 - v32).abs().max() < 0.1 * v32.abs().max()  # bf16 is close, not equal
+    videos = policy.decode(batch.final)
+    assert videos.dtype == np.uint8 and videos.shape == (4, FRAMES, SIDE, SIDE, 3)

@@ -158,7 +158,8 @@ class WanPolicy(LatentPipelinePolicy):
             _check_local(path, lora_rank)
         device = torch.device(device)
         torch_dtype = resolve_dtype(dtype, device)
-        pipe = load_pipeline(WanPipeline, path, local, torch_dtype)
+        # Wan's VAE runs in fp32 (as its reference code and flow_grpo do): loaded so, not cast up from bf16
+        pipe = load_pipeline(WanPipeline, path, local, {"default": torch_dtype, "vae": torch.float32})
         boundary_ratio = pipe.config.boundary_ratio
         self.two_experts = _check_experts(pipe.transformer_2, boundary_ratio, lora_rank)
         pipe.set_progress_bar_config(disable=not progress)
@@ -168,8 +169,6 @@ class WanPolicy(LatentPipelinePolicy):
                              f"makes {vae.config.z_dim}: an image-to-video checkpoint? wan is text-to-video")
         _check_size(resolution, num_frames, pipe.vae_scale_factor_spatial, transformer.config.patch_size[1],
                     pipe.vae_scale_factor_temporal)
-        if vae.dtype != torch.float32:  # Wan's VAE runs in fp32 (as the reference code and flow_grpo do)
-            vae.to(torch.float32)
         targets = (parse_targets(lora_targets) if lora_targets else []) or list(WAN_LORA_TARGETS)
         finetuning = dict(device=device, dtype=torch_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
                           lora_targets=targets, gradient_checkpointing=gradient_checkpointing)
