@@ -16,7 +16,7 @@ from epgrpo.trainer.cli import main
 from epgrpo.trainer.policy import base
 from epgrpo.trainer.policy.base import check_policy_options, create_policy, policy_options, register_policy
 
-FAMILIES = ("toy_digits", "toy_digits_ddpm", "sd3", "sd", "flux", "qwen_image", "flux2_klein", "z_image")
+FAMILIES = ("toy_digits", "toy_digits_ddpm", "sd3", "sd", "flux", "qwen_image", "flux2_klein", "z_image", "wan")
 MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(cfg.ModelConfig) if f.name != "name"}
 TRAINER_GIVES = {"device": "cpu", "dtype": "auto", "guidance_scale": 1.0, "progress": False}
 

@@ -37,7 +37,8 @@ def opt(default, help: str):
 @dataclass
 class ModelConfig:
     name: str = opt("toy_digits", "policy adapter: toy_digits (flow) | toy_digits_ddpm (diffusion, DDIM) | sd3 | "
-                    "sd (SD 1.x/2.x, DDIM) | flux | qwen_image | flux2_klein | z_image (docs/models.md) | package.module:name (a plugin module that registers its adapter "
+                    "sd (SD 1.x/2.x, DDIM) | flux | qwen_image | flux2_klein | z_image | wan (Wan 2.x "
+                    "text-to-video) | toy_video (docs/models.md) | package.module:name (a plugin module that registers its adapter "
                     "with epgrpo.trainer.policy.base.register_policy). Each family takes only the options below "
                     "marked for it (the toys: path, pretrain_steps, lora_*; every family: device, dtype, "
                     "preview_decoder); setting another family's option stops the run before any model loads")
@@ -57,11 +58,13 @@ class ModelConfig:
     dtype: ComputeDtype = opt("auto", "compute dtype: auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16; trainable "
                      "weights stay fp32 and SDE log-probs are computed in fp32")
     resolution: int = opt(0, "sd3, sd, flux: image side in pixels; 0 = the model's default (1024 for SD3.5-M and "
-                          "FLUX.1, 512 for SD 1.4; Flow-GRPO trains at 512)")
+                          "FLUX.1, 512 for SD 1.4; Flow-GRPO trains at 512); wan: video side (default 480)")
+    num_frames: int = opt(0, "wan: video frames, 1 + 4k; 0 = the pipeline's default (81)")
     max_sequence_length: int = opt(0, "sd3, flux: T5 tokens per prompt; qwen_image, flux2_klein, z_image: Qwen text "
-                                   "tokens; 0 = the stock pipeline's (sd3 256, flux 512, qwen_image 512, flux2_klein "
-                                   "512, z_image 512), so exported weights meet the conditioning they were trained "
-                                   "with; the count is also written next to the exported weights (sampling.json)")
+                                   "tokens; wan: UMT5 tokens; 0 = the stock pipeline's (sd3 256, flux 512, qwen_image "
+                                   "512, flux2_klein 512, z_image 512, wan 512), so exported weights meet the "
+                                   "conditioning they were trained with; the count is also written next to the "
+                                   "exported weights (sampling.json)")
     true_cfg_scale: float = opt(1.0, "flux: true classifier-free guidance with an empty negative prompt (> 1 runs both "
                                 "branches: 2 NFE per sample); sampling.guidance_scale is FLUX's distilled guidance "
                                 "embedding (guidance-distilled checkpoints such as FLUX.1-dev)")

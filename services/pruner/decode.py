@@ -184,6 +184,7 @@ class VaeDecoder:
         return np.ascontiguousarray(np.concatenate(out))
 
 
+# VAE classes (the ``_class_name`` of their config.json) with a decoder of their own; others: VaeDecoder
 def parse_vae_spec(spec: str) -> tuple[str, str]:
     """'NAME=DIR' or 'DIR' (named "vae") -> (name, dir)."""
     name, sep, path = spec.partition("=")
@@ -220,4 +221,5 @@ _VAE_DECODERS = {
     "AutoencoderKL": "",
     "AutoencoderKLQwenImage": "epgrpo.services.pruner.vae_families:QwenImageVaeDecoder",
     "AutoencoderKLFlux2": "epgrpo.services.pruner.vae_families:Flux2VaeDecoder",
+    "AutoencoderKLWan": "epgrpo.services.pruner.decode_wan:WanVaeDecoder",
 }

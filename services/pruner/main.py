@@ -89,12 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                help="serve decoder NAME (default 'vae', what the trainer's latent adapters ask for) with the "
                     "diffusers VAE in DIR (a VAE directory or a pipeline directory with vae/, e.g. "
                     "/models/stable-diffusion-3.5-medium); its class picks the latent normalisation "
-                    "(AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLFlux2); loaded at start, before the port opens; repeatable, "
+                    "(AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLFlux2, AutoencoderKLWan: Wan's video decoder); loaded at "
+                    "start, before the port opens; repeatable, "
                     "the variable comma-separated")
     env_option(decoders, "--device", env="EPGRPO_PRUNER_DEVICE", default="auto",
                help="device of the VAE decoders: auto (cuda when present), cpu, cuda[:i] (default %(default)s)")
     decoders.add_argument("--vae-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                          help="VAE dtype; auto = bf16 on cuda, fp32 on cpu")
+                          help="VAE dtype; auto = bf16 on cuda, fp32 on cpu (Wan's VAE: fp32)")
     decoders.add_argument("--torch-threads", type=int, default=0,
                           help="intra-op CPU threads for the VAE decoders (default 0: $OMP_NUM_THREADS when set, "
                                "else the cores this process may use: its CPU affinity and container CPU quota); idle "

@@ -100,7 +100,8 @@ _REGISTRY: dict[str, Callable[..., PolicyAdapter]] = {}
 # Built-in adapters register on import; imported only when asked for (no pipeline code otherwise).
 _BUILTIN = {"toy_digits": "epgrpo.trainer.policy.toy", "toy_digits_ddpm": "epgrpo.trainer.policy.toy_ddpm",
             "toy_video": "epgrpo.trainer.policy.toy_video",
-            "sd3": "epgrpo.trainer.policy.sd3", "sd": "epgrpo.trainer.policy.sd", "flux": "epgrpo.trainer.policy.flux"}
+            "sd3": "epgrpo.trainer.policy.sd3", "sd": "epgrpo.trainer.policy.sd", "flux": "epgrpo.trainer.policy.flux",
+            "wan": "epgrpo.trainer.policy.wan"}
 _BUILTIN.update({name: f"epgrpo.trainer.policy.{name}" for name in ("qwen_image", "flux2_klein", "z_image")})  # the 2026 image families
 
 

@@ -46,6 +46,7 @@ from epgrpo.trainer.policy.qwen_image import check_resolution
 from epgrpo.trainer.samplers import FlowSampler, Sampler, SamplerOptions
 
 MAX_TEXT_TOKENS = 512  # the pipeline's tokenizer_max_length
+STOCK_TEXT_TOKENS = 512  # the stock pipeline's default max_sequence_length
 NEGATIVE_PROMPT = ""  # Flux2KleinPipeline's unconditional branch
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out", "attn.to_qkv_mlp_proj")
@@ -71,6 +72,7 @@ class Flux2KleinPolicy(LatentPipelinePolicy):
         if not (math.isfinite(guidance_scale) and guidance_scale >= 1.0):
             raise ValueError(f"sampling.guidance_scale: expected a finite number >= 1 for flux2_klein (1 = off), "
                              f"got {guidance_scale!r}")
+        max_sequence_length = max_sequence_length or STOCK_TEXT_TOKENS  # 0: the stock pipeline's
         if not 1 <= max_sequence_length <= MAX_TEXT_TOKENS:
             raise ValueError(f"model.max_sequence_length: expected 1..{MAX_TEXT_TOKENS} for flux2_klein, "
                              f"got {max_sequence_length}")
@@ -171,7 +173,7 @@ class Flux2KleinPolicy(LatentPipelinePolicy):
 
 @register_policy("flux2_klein")
 def _flux2_klein_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 1.0,
-                         resolution: int = 0, max_sequence_length: int = 128, lora_rank: int = 0,
+                         resolution: int = 0, max_sequence_length: int = 0, lora_rank: int = 0,
                          lora_alpha: float = 0.0, lora_targets: str = "", gradient_checkpointing: bool = False,
                          preview_decoder: str = "", progress: bool = True):
     return Flux2KleinPolicy(path, device=device, dtype=dtype, guidance_scale=guidance_scale, resolution=resolution,

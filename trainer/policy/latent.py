@@ -34,8 +34,9 @@ def pipeline_location(path: str, family: str, example: str) -> bool:
     return local
 
 
-def load_pipeline(pipeline_class, path: str, local: bool, torch_dtype: torch.dtype, **kwargs):
-    """``pipeline_class.from_pretrained``, without downloads for a local directory (or offline)."""
+def load_pipeline(pipeline_class, path: str, local: bool, torch_dtype: torch.dtype | dict, **kwargs):
+    """``pipeline_class.from_pretrained``, without downloads for a local directory (or offline);
+    ``torch_dtype`` may name a dtype per component ({"default": ..., "vae": ...})."""
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         return pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=local or offline(),

@@ -44,6 +44,7 @@ from epgrpo.trainer.policy.pipeline_grid import pipeline_sigmas
 from epgrpo.trainer.samplers import FlowSampler, Sampler, SamplerOptions
 
 MAX_TEXT_TOKENS = 1024  # QwenImagePipeline refuses a longer max_sequence_length
+STOCK_TEXT_TOKENS = 512  # the stock pipeline's default max_sequence_length
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
                 "txt_mlp.net.0.proj", "txt_mlp.net.2")
@@ -77,6 +78,7 @@ class QwenImagePolicy(LatentPipelinePolicy):
         if not (math.isfinite(guidance_scale) and guidance_scale >= 1.0):
             raise ValueError(f"sampling.guidance_scale: expected a finite number >= 1 for qwen_image (its true CFG "
                              f"scale; 1 = off), got {guidance_scale!r}")
+        max_sequence_length = max_sequence_length or STOCK_TEXT_TOKENS  # 0: the stock pipeline's
         if not 1 <= max_sequence_length <= MAX_TEXT_TOKENS:
             raise ValueError(f"model.max_sequence_length: expected 1..{MAX_TEXT_TOKENS} for qwen_image, "
                              f"got {max_sequence_length}")
@@ -187,7 +189,7 @@ class QwenImagePolicy(LatentPipelinePolicy):
 
 @register_policy("qwen_image")
 def _qwen_image_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 4.0,
-                        negative_prompt: str = "", resolution: int = 0, max_sequence_length: int = 128,
+                        negative_prompt: str = "", resolution: int = 0, max_sequence_length: int = 0,
                         lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets: str = "",
                         gradient_checkpointing: bool = False, preview_decoder: str = "", progress: bool = True):
     return QwenImagePolicy(path, device=device, dtype=dtype, guidance_scale=guidance_scale,

@@ -50,6 +50,7 @@ from epgrpo.trainer.policy.qwen_image import check_resolution
 from epgrpo.trainer.samplers import FlowSampler, Sampler, SamplerOptions
 
 MAX_TEXT_TOKENS = 1024
+STOCK_TEXT_TOKENS = 512  # the stock pipeline's default max_sequence_length
 LORA_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
@@ -74,6 +75,7 @@ class ZImagePolicy(LatentPipelinePolicy):
         if not (math.isfinite(guidance_scale) and guidance_scale >= 1.0):
             raise ValueError(f"sampling.guidance_scale: expected a finite number >= 1 for z_image (1 = off; the "
                              f"pipeline's guidance_scale + 1), got {guidance_scale!r}")
+        max_sequence_length = max_sequence_length or STOCK_TEXT_TOKENS  # 0: the stock pipeline's
         if not 1 <= max_sequence_length <= MAX_TEXT_TOKENS:
             raise ValueError(f"model.max_sequence_length: expected 1..{MAX_TEXT_TOKENS} for z_image, "
                              f"got {max_sequence_length}")
@@ -166,7 +168,7 @@ class ZImagePolicy(LatentPipelinePolicy):
 
 @register_policy("z_image")
 def _z_image_factory(path: str = "", device: str = "cpu", dtype: str = "auto", guidance_scale: float = 1.0,
-                     negative_prompt: str = "", resolution: int = 0, max_sequence_length: int = 128,
+                     negative_prompt: str = "", resolution: int = 0, max_sequence_length: int = 0,
                      lora_rank: int = 0, lora_alpha: float = 0.0, lora_targets: str = "",
                      gradient_checkpointing: bool = False, preview_decoder: str = "", progress: bool = True):
     return ZImagePolicy(path, device=device, dtype=dtype, guidance_scale=guidance_scale,
