@@ -184,6 +184,24 @@ def test_ode_sampling_equals_the_stock_pipeline(name, guided, family_dirs):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_each_distinct_prompt_is_encoded_once_and_the_negative_once_per_run(name, family_dirs):
+    family = FAMILIES[name]
+    policy = make_policy(family, family_dirs(name), guidance_scale=family.guidance)
+    rows = []
+    policy.pipe.text_encoder.register_forward_hook(lambda module, args, kwargs, out: rows.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    prompts = ["a red cat", "a blue dog", "a red cat", "a red cat"]
+    cond = policy.encode_prompts(prompts)
+    assert sum(rows) == 2 + 1  # the two distinct prompts, then the negative one
+    assert all(v.shape[0] == 4 for v in cond.values())
+    assert torch.equal(cond["prompt_embeds"][0], cond["prompt_embeds"][2])
+    alone = policy.encode_prompts(["a blue dog"])["prompt_embeds"][0]
+    width = min(alone.shape[0], cond["prompt_embeds"].shape[1])  # padded to the longest of its batch
+    torch.testing.assert_close(cond["prompt_embeds"][1, :width], alone[:width], rtol=0, atol=1e-6)
+    assert sum(rows) == 2 + 1 + 1  # the negative prompt's encoding is cached
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_sampler_grid_is_the_pipelines_and_leaves_its_scheduler_alone(name, family_dirs):
     family = FAMILIES[name]
     policy = make_policy(family, family_dirs(name), lora_rank=2)
