@@ -125,6 +125,21 @@ def tiny_flux_dir(tmp_path_factory):
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
 
 
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """name -> the tiny pipeline of a 2026 image family (tests/image_families.py), built on first use."""
+    from image_families import FAMILIES
+
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = FAMILIES[name].builder(tmp_path_factory.mktemp(f"tiny-{name}"))
+        return built[name]
+
+    return get
+
+
 @pytest.fixture
 def sd3_services(background_server, tiny_sd3_dir):
     """(reward, pruner) for the tiny SD3 pipeline: JPEG compressibility, and a pruner decoding its

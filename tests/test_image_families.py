@@ -1,109 +1,25 @@
-"""The 2026 image families (qwen_image, ...) on tiny random pipelines loaded through their real
+"""The 2026 image families (qwen_image, flux2_klein, z_image) on tiny random pipelines loaded through their real
 loading path, one parametrized suite: ODE sampling on unpacked latents equals the stock pipeline
 (latents bit for bit, images), the LoRA (the family's reference targets) moves away from the
 reference, exports in the format the stock ``load_lora_weights`` reads and reproduces the trained
 sample there, full fine-tuning exports a loadable transformer, FSDP wraps the family's blocks, the
-pruner's decoder for the family's VAE equals the adapter's decode, ``epgrpo train`` runs 2
-Expand-and-Prune iterations with launched services and ``epgrpo analyze`` runs."""
+pruner's decoder for the family's VAE equals the adapter's decode, config errors name their key
+and the example configs validate (end to end: tests/test_image_families_e2e.py)."""
 
-from __future__ import annotations
-
-import dataclasses
 import json
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
+from image_families import (FAMILIES, NAMES, PROMPTS, SEEDS, SIDE, STEPS, cli_args, load_stock, make_policy,
+                            stock_sample, to_uint8)
 
 from epgrpo.trainer.grpo import group_advantages
 from epgrpo.trainer.optimize import policy_update
 from epgrpo.trainer.policy.base import create_policy
 from epgrpo.trainer.rollout import rollout, sample_ode, sample_seeds
 from epgrpo.trainer.samplers import SamplerOptions
-
-PROMPTS = ["a red cat", "a blue dog"]  # different lengths: variable-length text is padded and masked
-SEEDS = [11, 12]
-STEPS, SIDE = 4, 32
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    name: str
-    pipeline: str  # the diffusers pipeline class
-    transformer: str  # its transformer class
-    builder: Callable[[Path], Path]
-    options: dict  # the adapter's options for the tiny pipeline
-    guidance: float  # sampling.guidance_scale with guidance on
-    stock_kwargs: Callable[[float], dict]  # the stock call's guidance arguments for a guidance scale
-    latent_shape: tuple[int, int, int]
-    lora_modules: tuple[str, ...]  # adapted modules the reference trainers adapt too
-    stock_noise: Callable  # (pipe, our unpacked noise) -> the stock call's `latents`
-    stock_latents: Callable  # (pipe, our final latents) -> what the stock call returns with output_type="latent"
-
-
-def _qwen_image_builder(directory: Path) -> Path:
-    from tiny_qwen_image import build_tiny_qwen_image
-
-    return build_tiny_qwen_image(directory)
-
-
-def _flux2_klein_builder(directory: Path) -> Path:
-    from tiny_flux2_klein import build_tiny_flux2_klein
-
-    return build_tiny_flux2_klein(directory)
-
-
-def _z_image_builder(directory: Path) -> Path:
-    from tiny_z_image import build_tiny_z_image
-
-    return build_tiny_z_image(directory)
-
-
-def _qwen_pack(pipe, x: torch.Tensor) -> torch.Tensor:
-    """QwenImagePipeline's token packing, transcribed: [B, C, h, w] -> [B, h/2 w/2, 4C], (c, dy, dx) per token."""
-    b, c, h, w = x.shape
-    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 2 * w // 2, 4 * c)
-
-
-def _flux2_denormalised(pipe, x: torch.Tensor) -> torch.Tensor:
-    """Flux2KleinPipeline's latent output, transcribed: batch-norm statistics undone, 2x2 patches unfolded."""
-    bn = pipe.vae.bn
-    x = x * torch.sqrt(bn.running_var + pipe.vae.config.batch_norm_eps).view(1, -1, 1, 1) + bn.running_mean.view(1, -1, 1, 1)
-    b, c, h, w = x.shape
-    return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
-
-
-FAMILIES = {
-    "qwen_image": Family(
-        "qwen_image", "QwenImagePipeline", "QwenImageTransformer2DModel", _qwen_image_builder,
-        {"max_sequence_length": 512, "negative_prompt": "low quality"}, 3.0,
-        lambda g: {"true_cfg_scale": g, "negative_prompt": "low quality", "max_sequence_length": 512} if g > 1 else
-        {"true_cfg_scale": 1.0, "max_sequence_length": 512},
-        (4, 16, 16),
-        ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.attn.add_k_proj",
-         "transformer_blocks.0.img_mlp.net.2", "transformer_blocks.1.txt_mlp.net.0.proj"),
-        _qwen_pack, _qwen_pack),
-    "flux2_klein": Family(
-        "flux2_klein", "Flux2KleinPipeline", "Flux2Transformer2DModel", _flux2_klein_builder,
-        {"max_sequence_length": 64}, 3.0,
-        lambda g: {"guidance_scale": g, "max_sequence_length": 64},
-        (16, 8, 8),
-        ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.add_v_proj",
-         "single_transformer_blocks.0.attn.to_qkv_mlp_proj"),
-        lambda pipe, x: x, _flux2_denormalised),
-    "z_image": Family(
-        "z_image", "ZImagePipeline", "ZImageTransformer2DModel", _z_image_builder,
-        {"max_sequence_length": 64, "negative_prompt": "blurry"}, 3.0,
-        # the pipeline's guidance_scale is ours - 1 (0 = off)
-        lambda g: {"guidance_scale": g - 1.0, "negative_prompt": ["blurry"] * len(PROMPTS), "max_sequence_length": 64},
-        (4, 16, 16),
-        ("layers.0.attention.to_out.0", "layers.1.feed_forward.w2", "noise_refiner.0.attention.to_k",
-         "context_refiner.0.feed_forward.w3"),
-        lambda pipe, x: x, lambda pipe, x: x),
-}
-NAMES = list(FAMILIES)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,47 +29,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory):
-    """name -> the tiny pipeline's directory, built on first use."""
-    built: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            built[name] = FAMILIES[name].builder(tmp_path_factory.mktemp(f"tiny-{name}"))
-        return built[name]
-
-    return get
-
-
-def make_policy(family: Family, path, **options):
-    options = {"guidance_scale": 1.0, "resolution": SIDE, **family.options, **options}
-    return create_policy(family.name, path=str(path), device="cpu", **options)
-
-
-def load_stock(family: Family, path):
-    import diffusers
-
-    pipe = getattr(diffusers, family.pipeline).from_pretrained(path, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def seed_noise(latent_shape) -> torch.Tensor:
-    """The rollout's per-trajectory noise (unpacked), one generator per seed."""
-    return torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in SEEDS])
-
-
-def stock_sample(family: Family, pipe, policy, output_type: str, guidance: float):
-    # a copy: ZImagePipeline writes the templated prompts into the list it is given
-    return pipe(prompt=list(PROMPTS), num_inference_steps=STEPS, height=SIDE, width=SIDE, output_type=output_type,
-                latents=family.stock_noise(pipe, seed_noise(policy.latent_shape)), **family.stock_kwargs(guidance)).images
-
-
-def to_uint8(images01: np.ndarray) -> np.ndarray:
-    return (images01 * 255).round().astype(np.uint8)
 
 
 @pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
@@ -181,6 +56,24 @@ def test_ode_sampling_equals_the_stock_pipeline(name, guided, family_dirs):
     if guided:  # the guidance really ran on both sides: it changes the sample
         plain = sample_ode(make_policy(family, path), PROMPTS, SEEDS, sampler)
         assert (plain - latents).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_distinct_prompt_is_encoded_once_and_the_negative_once_per_run(name, family_dirs):
+    family = FAMILIES[name]
+    policy = make_policy(family, family_dirs(name), guidance_scale=family.guidance)
+    rows = []
+    policy.pipe.text_encoder.register_forward_hook(lambda module, args, kwargs, out: rows.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    prompts = ["a red cat", "a blue dog", "a red cat", "a red cat"]
+    cond = policy.encode_prompts(prompts)
+    assert sum(rows) == 2 + 1  # the two distinct prompts, then the negative one
+    assert all(v.shape[0] == 4 for v in cond.values())
+    assert torch.equal(cond["prompt_embeds"][0], cond["prompt_embeds"][2])
+    alone = policy.encode_prompts(["a blue dog"])["prompt_embeds"][0]
+    width = min(alone.shape[0], cond["prompt_embeds"].shape[1])  # padded to the longest of its batch
+    torch.testing.assert_close(cond["prompt_embeds"][1, :width], alone[:width], rtol=0, atol=1e-6)
+    assert sum(rows) == 2 + 1 + 1  # the negative prompt's encoding is cached
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -284,44 +177,6 @@ def test_a_vae_class_without_a_decoder_is_refused_naming_it(tmp_path):
         register_vae_decoder("x", tmp_path)
 
 
-def cli_args(family: Family, path, out, *extra):
-    model = [f"model.{k}={v}" for k, v in family.options.items()]
-    return [f"model.name={family.name}", f"model.path={path}", "model.lora_rank=4", f"model.resolution={SIDE}",
-            *model, "model.device=cpu", "sampling.num_steps=4", f"sampling.guidance_scale={family.guidance}",
-            "reward.rewards=jpeg_compressibility:1", "reward.judge=", f"out_dir={out}", "progress=false", *extra]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_cli_expand_prune_with_launched_services_and_analyze(name, family_dirs, tmp_path):
-    from epgrpo.trainer.cli import main
-
-    family, path = FAMILIES[name], family_dirs(name)
-    out = tmp_path / "run"
-    assert main(["train", *cli_args(family, path, out, "prune.group_size=4", "prune.steps=[2]", "prune.keeps=[2]",
-                                    "train.iterations=2", "train.prompts_per_iteration=1", "train.lr=1e-2",
-                                    "eval.samples_per_prompt=1", "eval.every=0", "eval.max_prompts=1")]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    nfe = 2  # guidance on: both branches
-    # per iteration: 4 trajectories make steps 0-2, the 2 survivors step 3
-    assert summary["nfe_used"] == nfe * 2 * (4 * 3 + 2 * 1) and summary["nfe_full_group"] == nfe * 2 * 4 * 4
-    assert summary["trained_weights"] == [str(out / "lora")]
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["survivors_per_step"] for m in metrics] == [[4, 4, 4, 2]] * 2
-    # the launched pruner decoded the latent previews with the family's VAE (a pixel pruner rejects them)
-    assert (out / "services" / "pruner.log").read_text().count("opened") == 2
-
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cat\na blue dog\n")
-    analysis = tmp_path / "analysis"
-    assert main(["analyze", "--groups", "2", "--group-size", "4", "--keep", "2",
-                 *cli_args(family, path, analysis, "sampling.num_steps=3", "prune.mode=grpo",
-                           f"train.prompt_file={prompts}", "model.lora_rank=0")]) == 0
-    result = json.loads((analysis / "analysis.json").read_text())
-    assert [g["prompt"] for g in result["clustering"]["groups"]] == ["a red cat", "a blue dog"]
-    assert len(result["fidelity"]["per_step"]) == 3
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_config_errors_name_their_key(name, family_dirs, tmp_path, capsys):
     from unittest import mock
@@ -384,27 +239,3 @@ def test_example_configs_validate_with_the_nfe_their_comments_state(config_name,
     (s1, k1), (s2, k2) = schedule(config)
     survivors = [config.prune.group_size if i <= s1 else k1 if i <= s2 else k2 for i in range(steps)]
     assert cfg * sum(survivors) == nfe
-
-
-@pytest.mark.slow
-def test_fsdp_on_two_ranks_shards_every_family_and_matches_the_unsharded_model(family_dirs, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    worker = Path(__file__).with_name("fsdp_family_worker.py")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
-         str(worker), str(tmp_path / "record"), *(f"{n}={family_dirs(n)}" for n in NAMES)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)})
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    ranks = [json.loads((tmp_path / "record" / f"rank{r}.json").read_text()) for r in range(2)]
-    for name in NAMES:
-        facts = [r[name] for r in ranks]
-        full = facts[0]["full"]
-        assert facts[0]["local"] + facts[1]["local"] == full  # every weight on exactly one rank
-        assert all(abs(f["local"] - full / 2) <= 0.05 * full for f in facts), (name, facts)  # about half each
-        for f in facts:  # the sharded policy and reference compute the unsharded velocity
-            assert f["predict_diff"] < 1e-5 and f["reference_diff"] < 1e-5, (name, f)
-        assert facts[0]["step_diff"] < 1e-5, (name, facts[0])  # and take the same SGD step
