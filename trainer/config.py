@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from epgrpo.trainer.algorithms.options import AlgorithmConfig
+
 # Modes are enumerations: a value outside them stops the run naming the field and the choices.
 PruneMode = Literal["grpo", "full_ovf", "expand_prune", "random_prune"]
 EvalSampler = Literal["auto", "deterministic", "stochastic"]
@@ -105,6 +107,9 @@ class PruneConfig:
 
 @dataclass
 class TrainConfig:
+    algorithm: str = opt("grpo", "the objective that consumes the kept trajectories: grpo (Flow-GRPO / DDPO) | "
+                         "grpo_guard | mixgrpo | nft (DiffusionNFT) | awm (Advantage Weighted Matching); each takes "
+                         "only its own algo.* options (docs/algorithm.md); prune.mode works with every one")
     iterations: int = opt(30, "GRPO iterations")
     prompts_per_iteration: int = opt(10, "groups (prompts) per iteration")
     lr: float = opt(2e-4, "AdamW learning rate")
@@ -217,6 +222,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    algo: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

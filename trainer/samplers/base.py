@@ -89,6 +89,10 @@ class Sampler(ABC):
     def x0(self, x: torch.Tensor, model_out: torch.Tensor, i: int) -> torch.Tensor:
         """The clean-sample estimate at x_i, free given the model output already computed."""
 
+    def interval(self, i: int) -> float:
+        """The length |dt| of step i in the model's time in [0, 1] (GRPO-Guard's step reweighting)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its step lengths")
+
     def kl(self, mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """KL of the policy's step Gaussian to the reference's (same std), per sample."""
         return gaussian_kl(mean, mean_ref, std)
