@@ -8,6 +8,7 @@ cumulative transformer calls. Runs are interleaved (seed-major) so machine noise
 
     python bench/compare_training.py --out runs/compare          # 3 seeds x 5 configs, ~15 min
     python bench/compare_training.py --quick --out /tmp/cmp      # seconds; used by the tests
+    python bench/compare_training.py --algorithm grpo_guard nft   # each alone (G=8) and with E&P, vs grpo G=8
 """
 
 from __future__ import annotations
@@ -37,8 +38,17 @@ CONFIGS = {
 }
 
 
+def algorithm_configs(algorithms: list[str]) -> dict[str, list[str]]:
+    """Plain GRPO G=8, then each algorithm alone (G=8) and under the main job's Expand-and-Prune."""
+    configs = {"grpo G=8": CONFIGS["grpo G=8"]}
+    for name in algorithms:
+        configs[f"{name} G=8"] = [f"train.algorithm={name}", *CONFIGS["grpo G=8"]]
+        configs[f"{name} E&P 16→8→4"] = [f"train.algorithm={name}", *CONFIGS["E&P 16→8→4 late"]]
+    return configs
+
+
 def run_one(name, overrides, seed, args, reward_address, pruner_address, recipe):
-    out = args.out / name.replace(" ", "_").replace("→", "-").replace("+", "_").replace("=", "") / f"seed{seed}"
+    out = args.out / name.replace(" ", "_").replace("→", "-").replace("+", "_").replace("=", "").replace("&", "") / f"seed{seed}"
     config = load_config(None, [
         *overrides, f"train.seed={seed}", f"train.iterations={args.iterations}", f"eval.every={args.eval_every}",
         f"eval.samples_per_prompt={args.eval_samples}", f"out_dir={out}", "launch_services=false", "progress=false",
@@ -100,13 +110,13 @@ def plot(summary: dict, path: Path) -> None:
 def table(summary: dict, baseline: str) -> str:
     base = summary[baseline]
     lines = ["| config | final reward (± std over seeds) | judge | train wall s | NFE | wall to reach "
-             f"{baseline} final | ratio to {baseline} wall |", "|---|---|---|---|---|---|---|"]
+             f"{baseline} final | ratio to {baseline} wall | NFE to reach it |", "|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         reach = s["wall_to_baseline_final_s"]
         ratio = "—" if reach is None else f"{reach / base['wall_s']:.2f}"
         lines.append(f"| {name} | {s['final_reward']:.3f} ± {s['final_reward_std']:.3f} | {s['final_judge']:.3f} | "
                      f"{s['wall_s']:.0f} | {s['nfe']:.0f} | {'not reached' if reach is None else f'{reach:.0f} s'} | "
-                     f"{ratio} |")
+                     f"{ratio} | {'—' if reach is None else s['nfe_to_baseline_final']} |")
     return "\n".join(lines)
 
 
@@ -118,6 +128,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N iterations (default 5)")
     parser.add_argument("--eval-samples", type=int, default=8, help="ODE samples per digit at evaluation (default 8)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 iterations, tiny model: checks it runs")
+    parser.add_argument("--algorithm", nargs="+", default=[], metavar="NAME",
+                        help="compare these train.algorithm values, each alone (grpo G=8's group) and with "
+                             "Expand-and-Prune 16→8→4 at steps {5, 7}, against plain grpo G=8")
     parser.add_argument("extra", nargs="*", metavar="key=value", help="extra trainer overrides for every run")
     args = parser.parse_args(argv)
     recipe = ToyRecipe()
@@ -126,10 +139,11 @@ def main(argv=None) -> int:
         recipe = ToyRecipe(pretrain_steps=3, batch_size=16)
         args.extra = [*args.extra, "train.prompts_per_iteration=2"]
     baseline = "grpo G=8"
-    curves: dict[str, list] = {name: [] for name in CONFIGS}
+    configs = algorithm_configs(args.algorithm) if args.algorithm else CONFIGS
+    curves: dict[str, list] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp, LocalStack(["digit", "digit_judge"], Path(tmp)) as stack:
         for seed in range(args.seeds):
-            for name, overrides in CONFIGS.items():
+            for name, overrides in configs.items():
                 print(f"seed {seed}: {name} ...", file=sys.stderr, flush=True)
                 curves[name].append(run_one(name, overrides, seed, args, stack.reward.address, stack.pruner.address, recipe))
     summary = summarize(curves, baseline)

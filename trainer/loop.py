@@ -245,7 +245,8 @@ class Trainer(TrainerState, IterationRetries):
             # zero-weight micro-batches: every rank then takes the same optimizer steps (their gradient
             # all-reduces line up) and, under FSDP, makes the same forward/backward calls.
             micro_batches = max(dist.counts(math.ceil(len(rewards) / c.train.train_batch_size)))
-            stats = self.update_policy(batch, advantages[mine], iteration, train_steps, micro_batches)
+            stats = self.update_policy(batch, advantages[mine], iteration, train_steps, micro_batches,
+                                       first_group * c.prune.group_size)
             last = asdict(stats[-1])
             keys = [k for k, v in last.items() if isinstance(v, float)]
             record.update(zip(keys, dist.mean([last[k] for k in keys])))  # mean over ranks
@@ -266,8 +267,9 @@ class Trainer(TrainerState, IterationRetries):
         return record
 
     def update_policy(self, batch: RolloutResult, advantages: torch.Tensor, iteration: int, train_steps: list[int],
-                      micro_batches: int):
-        """The algorithm's update of this rank's kept trajectories (``optimize.policy_update``'s options)."""
+                      micro_batches: int, trajectory_offset: int = 0):
+        """The algorithm's update of this rank's kept trajectories (``optimize.policy_update``'s options);
+        ``trajectory_offset``: the iteration-wide id of this rank's first trajectory."""
         c, dist = self.c, self.dist
         return self.algorithm.update(self.policy, self.optimizer, batch, advantages, self.sampler, iteration=iteration,
                                      clip_range=c.train.clip_range, beta=c.train.beta,
@@ -277,7 +279,7 @@ class Trainer(TrainerState, IterationRetries):
                                      optimizer_steps=c.train.optimizer_steps, train_steps=train_steps,
                                      sync_gradients=dist.all_reduce_mean_ if self.fsdp is None else None,  # FSDP: in backward
                                      after_step=self.ema.step if self.ema is not None else None,
-                                     micro_batches=micro_batches)
+                                     micro_batches=micro_batches, trajectory_offset=trajectory_offset)
 
     # -- the run ------------------------------------------------------------------------------
     @staticmethod

@@ -105,8 +105,9 @@ class AWM(Algorithm):
         return awm_loss(v, v_old, v_ref, x0, t, eps, advantages, clip_range=self.c.train.clip_range,
                         kl_beta=self.c.train.beta, weighting=self.o.awm_weighting, ghuber_power=self.o.awm_ghuber_power)
 
-    def update(self, policy, optimizer, batch, advantages, sampler, *, iteration, train_steps, **options):
-        ids = batch.trajectory_ids.tolist()
+    def update(self, policy, optimizer, batch, advantages, sampler, *, iteration, train_steps, trajectory_offset=0,
+               **options):
+        ids = (batch.trajectory_ids + trajectory_offset).tolist()
         times = self.times(sampler, iteration, ids)
         noise = forward_noise(policy.latent_shape, self.c.train.seed, iteration, ids, times.shape[1])
         return forward_update(policy, optimizer, batch, advantages, times, noise, self.loss, **options)

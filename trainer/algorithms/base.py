@@ -51,8 +51,9 @@ class Algorithm(ABC):
 
     @abstractmethod
     def update(self, policy, optimizer, batch: "RolloutResult", advantages, sampler: "Sampler", *,
-               iteration: int, train_steps: list[int], **options) -> list["UpdateStats"]:
-        """One iteration's optimisation; ``options`` are ``optimize.policy_update``'s keyword options."""
+               iteration: int, train_steps: list[int], trajectory_offset: int = 0, **options) -> list["UpdateStats"]:
+        """One iteration's optimisation; ``options`` are ``optimize.policy_update``'s keyword options;
+        ``trajectory_offset`` + ``batch.trajectory_ids`` = the iteration-wide trajectory ids (same on any rank)."""
 
 
 _REGISTRY: dict[str, type[Algorithm]] = {}

@@ -27,6 +27,7 @@ class GRPO(Algorithm):
     def train_steps(self, batch, iteration: int) -> list[int]:
         return train_step_subset(trained_steps(batch), self.c.train.timestep_fraction, self.c.train.seed, iteration)
 
-    def update(self, policy, optimizer, batch, advantages, sampler, *, iteration, train_steps, **options):
+    def update(self, policy, optimizer, batch, advantages, sampler, *, iteration, train_steps, trajectory_offset=0,
+               **options):
         return policy_update(policy, optimizer, batch, advantages, sampler, train_steps=train_steps,
                              step_loss=self.step_loss, **options)

@@ -91,8 +91,9 @@ class NFT(Algorithm):
         return nft_loss(v, v_old, v_ref, x0, xt, t, advantages, nft_beta=self.o.nft_beta,
                         adv_clip=self.c.train.adv_clip, kl_beta=self.c.train.beta)
 
-    def update(self, policy, optimizer, batch, advantages, sampler, *, iteration, train_steps, **options):
-        ids = batch.trajectory_ids.tolist()
+    def update(self, policy, optimizer, batch, advantages, sampler, *, iteration, train_steps, trajectory_offset=0,
+               **options):
+        ids = (batch.trajectory_ids + trajectory_offset).tolist()
         times = self.times(sampler, iteration, ids)
         noise = forward_noise(policy.latent_shape, self.c.train.seed, iteration, ids, times.shape[1])
         return forward_update(policy, optimizer, batch, advantages, times, noise, self.loss, **options)

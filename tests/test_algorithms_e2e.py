@@ -1,0 +1,105 @@
+"""Every algorithm end to end under Expand-and-Prune: a tiny SD3 pipeline through the real reward and
+pruner services, exact resume, and 2 data-parallel ranks agreeing with 1."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from epgrpo.trainer.cli import main
+from epgrpo.trainer.clients import PrunerClient
+from epgrpo.trainer.config import load_config
+from epgrpo.trainer.loop import Trainer
+from epgrpo.trainer.policy.base import create_policy
+from epgrpo.trainer.reward_client import RewardClient
+
+pytestmark = pytest.mark.slow
+
+ALGORITHMS = ["grpo_guard", "mixgrpo", "nft", "awm"]
+# each algorithm with options that make its own machinery visible in two iterations
+OWN_OPTIONS = {"grpo_guard": [], "mixgrpo": ["algo.mixgrpo_shift_interval=1"], "nft": ["algo.nft_beta=0.5"],
+               "awm": ["algo.awm_weighting=t", "algo.awm_timesteps=2"]}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_two_iterations_on_sd3_through_both_services(algorithm, sd3_services, tiny_sd3_dir, tmp_path):
+    reward, pruner = sd3_services
+    out = tmp_path / "run"
+    config = load_config(None, [
+        "model.name=sd3", f"model.path={tiny_sd3_dir}", "model.lora_rank=4", "model.max_sequence_length=8",
+        "model.preview_decoder=tiny-sd3-vae", "model.device=cpu", "sampling.num_steps=4", "sampling.shift=3.0",
+        "sampling.sde_window_size=2", "prune.group_size=4", "prune.steps=[2]", "prune.keeps=[2]",
+        "train.iterations=2", "train.prompts_per_iteration=2", "train.lr=1e-2", "reward.rewards=jpeg_compressibility:1",
+        "reward.judge=", "eval.samples_per_prompt=1", "eval.every=0", "eval.max_prompts=1", f"out_dir={out}",
+        "launch_services=false", "progress=false", f"train.algorithm={algorithm}", *OWN_OPTIONS[algorithm],
+    ])
+    options = {k: v for k, v in vars(config.model).items() if k not in ("name", "device")}
+    policy = create_policy("sd3", **options, device="cpu", guidance_scale=1.0)
+    reward_client, pruner_client = RewardClient(reward.address), PrunerClient(pruner.address)
+    try:
+        summary = json.loads(Trainer(config, policy, reward_client, pruner_client).run().read_text())
+    finally:
+        reward_client.close()
+        pruner_client.close()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["survivors_per_step"] for m in metrics] == [[8, 8, 8, 4]] * 2  # pruned at step 2 under every algorithm
+    assert summary["nfe_used"] == 2 * (8 * 3 + 4) and summary["nfe_full_group"] == 2 * 8 * 4
+    steps = [m["trained_steps"] for m in metrics]
+    if algorithm == "grpo_guard":  # Flow-GRPO-Fast's window of 2 at a random start in [0, 2)
+        assert all(len(s) == 2 and s[1] == s[0] + 1 and s[0] in (0, 1) for s in steps)
+    else:  # MixGRPO's window moves one step per iteration; DiffusionNFT and AWM sample by the ODE
+        assert steps == {"mixgrpo": [[0, 1], [1, 2]], "nft": [[], []], "awm": [[], []]}[algorithm]
+    for m in metrics:
+        assert m["kept"] == 4 and "skipped" not in m and m["grad_norm"] > 0 and 0 <= m["zero_std_ratio"] <= 1
+    lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # trained (B starts at zero)
+
+
+def _toy_train(services, policy, out, *overrides):
+    from test_checkpoint import train
+
+    return train(services, policy, out, *overrides)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_resume_reproduces_the_uninterrupted_run_exactly(algorithm, services, tiny_policy_factory, tmp_path):
+    from test_checkpoint import metrics
+
+    own = [f"train.algorithm={algorithm}", *OWN_OPTIONS[algorithm]]
+    straight = _toy_train(services, tiny_policy_factory(lora_rank=4), tmp_path / "a", "train.iterations=3", *own)
+    _toy_train(services, tiny_policy_factory(lora_rank=4), tmp_path / "b", "train.iterations=2", *own)
+    resumed = _toy_train(services, tiny_policy_factory(lora_rank=4), tmp_path / "b", "train.iterations=3",
+                         "train.resume_from=latest", *own)
+    for name, value in straight.policy.state_dict().items():
+        assert torch.equal(resumed.policy.state_dict()[name], value), name
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_two_ranks_agree_with_one(algorithm, services, tiny_policy_factory, tmp_path):
+    from test_distributed import two_ranks
+
+    toy_dir = tiny_policy_factory().model_dir
+    own = [f"train.algorithm={algorithm}", *OWN_OPTIONS[algorithm], "train.lr=1e-2", "sampling.sde_window_size=2"]
+    two_ranks(services, toy_dir, tmp_path / "record", tmp_path / "two", *own)
+    reward, pruner = services
+    one = tmp_path / "one"
+    assert main(["train", f"model.path={toy_dir}", "model.device=cpu", "prune.group_size=4", "prune.steps=[1]",
+                 "prune.keeps=[2]", "sampling.num_steps=4", "train.iterations=2", "train.prompts_per_iteration=4",
+                 "reward.rewards=jpeg_compressibility:1", "reward.judge=", "eval.samples_per_prompt=1",
+                 "eval.every=0", "eval.max_prompts=2", f"reward.address={reward.address}",
+                 f"pruner.address={pruner.address}", "launch_services=false", "progress=false", f"out_dir={one}",
+                 *own]) == 0
+    ranks = [load_file(tmp_path / "record" / f"rank{r}.safetensors") for r in range(2)]
+    single = load_file(one / "policy.safetensors")
+    finals = {k[len("final."):]: v for k, v in ranks[0].items() if k.startswith("final.")}
+    assert finals.keys() == single.keys()
+    moved = 0
+    for name, value in finals.items():
+        assert torch.equal(value, ranks[1][f"final.{name}"])  # the ranks stay identical
+        torch.testing.assert_close(value, single[name], rtol=1e-4, atol=1e-6)  # and equal the 1-rank run
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    solo = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [m["reward_mean"] for m in two] == pytest.approx([m["reward_mean"] for m in solo], rel=1e-5)
+    assert [m["trained_steps"] for m in two] == [m["trained_steps"] for m in solo]
