@@ -74,13 +74,14 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(algorithm, services, ti
     from test_checkpoint import metrics
 
     own = [f"train.algorithm={algorithm}", *OWN_OPTIONS[algorithm]]
-    straight = _toy_train(services, tiny_policy_factory(lora_rank=4), tmp_path / "a", "train.iterations=3", *own)
-    _toy_train(services, tiny_policy_factory(lora_rank=4), tmp_path / "b", "train.iterations=2", *own)
-    resumed = _toy_train(services, tiny_policy_factory(lora_rank=4), tmp_path / "b", "train.iterations=3",
+    straight = _toy_train(services, tiny_policy_factory(lora_rank=4), tmp_path / "a", "train.iterations=2", *own)
+    _toy_train(services, tiny_policy_factory(lora_rank=4), tmp_path / "b", "train.iterations=1", *own)
+    resumed = _toy_train(services, tiny_policy_factory(lora_rank=4), tmp_path / "b", "train.iterations=2",
                          "train.resume_from=latest", *own)
     for name, value in straight.policy.state_dict().items():
         assert torch.equal(resumed.policy.state_dict()[name], value), name
-    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b") and len(metrics(tmp_path / "a")) == 2
+    assert resumed.completed_iteration == 2
 
 
 def test_two_ranks_agree_with_one_under_every_algorithm(services, tiny_policy_factory, tmp_path):
