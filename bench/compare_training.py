@@ -114,9 +114,10 @@ def table(summary: dict, baseline: str) -> str:
     for name, s in summary.items():
         reach = s["wall_to_baseline_final_s"]
         ratio = "—" if reach is None else f"{reach / base['wall_s']:.2f}"
+        nfe_reach = "—" if reach is None else f"{s['nfe_to_baseline_final']:.0f}"
         lines.append(f"| {name} | {s['final_reward']:.3f} ± {s['final_reward_std']:.3f} | {s['final_judge']:.3f} | "
                      f"{s['wall_s']:.0f} | {s['nfe']:.0f} | {'not reached' if reach is None else f'{reach:.0f} s'} | "
-                     f"{ratio} | {'—' if reach is None else s['nfe_to_baseline_final']} |")
+                     f"{ratio} | {nfe_reach} |")
     return "\n".join(lines)
 
 
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     parser.add_argument("--iterations", type=int, default=30, help="GRPO iterations per run (default 30)")
     parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N iterations (default 5)")
     parser.add_argument("--eval-samples", type=int, default=8, help="ODE samples per digit at evaluation (default 8)")
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     configs = algorithm_configs(args.algorithm) if args.algorithm else CONFIGS
     curves: dict[str, list] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp, LocalStack(["digit", "digit_judge"], Path(tmp)) as stack:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for name, overrides in configs.items():
                 print(f"seed {seed}: {name} ...", file=sys.stderr, flush=True)
                 curves[name].append(run_one(name, overrides, seed, args, stack.reward.address, stack.pruner.address, recipe))
