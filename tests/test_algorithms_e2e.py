@@ -1,4 +1,4 @@
-"""Every algorithm end to end under Expand-and-Prune: a tiny SD3 pipeline through the real reward and
+"""Every algorithm end to end under Expand-and-Prune: a tiny SD3 pipeline through the launched reward and
 pruner services, exact resume, and 2 data-parallel ranks agreeing with 1."""
 
 import json
@@ -12,11 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from epgrpo.trainer.cli import main
-from epgrpo.trainer.clients import PrunerClient
-from epgrpo.trainer.config import load_config
-from epgrpo.trainer.loop import Trainer
-from epgrpo.trainer.policy.base import create_policy
-from epgrpo.trainer.reward_client import RewardClient
 from conftest import free_port
 
 WORKER = Path(__file__).with_name("algorithms_worker.py")
@@ -29,26 +24,33 @@ OWN_OPTIONS = {"grpo_guard": [], "mixgrpo": ["algo.mixgrpo_shift_interval=1"], "
                "awm": ["algo.awm_weighting=t", "algo.awm_timesteps=2"]}
 
 
+@pytest.fixture(scope="module")
+def launched_sd3_services(tiny_sd3_dir, tmp_path_factory):
+    """The reward service and the pruner as local processes (as ``epgrpo train`` launches them), the
+    pruner decoding the tiny SD3 pipeline's previews with its VAE; started once for every algorithm."""
+    from epgrpo.trainer.launch import LocalStack
+
+    with LocalStack(["jpeg_compressibility"], tmp_path_factory.mktemp("services"),
+                    decoders={"tiny-sd3-vae": str(tiny_sd3_dir / "vae")}) as stack:
+        yield stack
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_two_iterations_on_sd3_through_both_services(algorithm, sd3_services, tiny_sd3_dir, tmp_path):
-    reward, pruner = sd3_services
+def test_two_iterations_on_sd3_through_both_launched_services(algorithm, launched_sd3_services, tiny_sd3_dir,
+                                                              tmp_path):
+    """2 iterations of Expand-and-Prune 4 -> 2 on a tiny SD3 pipeline under the algorithm, through the
+    launched reward service and pruner (which decodes the latent previews with the VAE)."""
     out = tmp_path / "run"
-    config = load_config(None, [
-        "model.name=sd3", f"model.path={tiny_sd3_dir}", "model.lora_rank=4", "model.max_sequence_length=8",
-        "model.preview_decoder=tiny-sd3-vae", "model.device=cpu", "sampling.num_steps=4", "sampling.shift=3.0",
-        "sampling.sde_window_size=2", "prune.group_size=4", "prune.steps=[2]", "prune.keeps=[2]",
-        "train.iterations=2", "train.prompts_per_iteration=2", "train.lr=1e-2", "reward.rewards=jpeg_compressibility:1",
-        "reward.judge=", "eval.samples_per_prompt=1", "eval.every=0", "eval.max_prompts=1", f"out_dir={out}",
-        "launch_services=false", "progress=false", f"train.algorithm={algorithm}", *OWN_OPTIONS[algorithm],
-    ])
-    options = {k: v for k, v in vars(config.model).items() if k not in ("name", "device")}
-    policy = create_policy("sd3", **options, device="cpu", guidance_scale=1.0)
-    reward_client, pruner_client = RewardClient(reward.address), PrunerClient(pruner.address)
-    try:
-        summary = json.loads(Trainer(config, policy, reward_client, pruner_client).run().read_text())
-    finally:
-        reward_client.close()
-        pruner_client.close()
+    stack = launched_sd3_services
+    assert main(["train", f"reward.address={stack.reward.address}", f"pruner.address={stack.pruner.address}",
+                 "launch_services=false", "model.preview_decoder=tiny-sd3-vae", "model.name=sd3", f"model.path={tiny_sd3_dir}", "model.lora_rank=4",
+                 "model.max_sequence_length=8", "model.device=cpu", "sampling.num_steps=4", "sampling.shift=3.0",
+                 "sampling.guidance_scale=1.0", "sampling.sde_window_size=2", "prune.group_size=4", "prune.steps=[2]",
+                 "prune.keeps=[2]", "train.iterations=2", "train.prompts_per_iteration=2", "train.lr=1e-2",
+                 "reward.rewards=jpeg_compressibility:1", "reward.judge=", "eval.samples_per_prompt=1", "eval.every=0",
+                 "eval.max_prompts=1", f"out_dir={out}", "progress=false", f"train.algorithm={algorithm}",
+                 *OWN_OPTIONS[algorithm]]) == 0
+    summary = json.loads((out / "summary.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["survivors_per_step"] for m in metrics] == [[8, 8, 8, 4]] * 2  # pruned at step 2 under every algorithm
     assert summary["nfe_used"] == 2 * (8 * 3 + 4) and summary["nfe_full_group"] == 2 * 8 * 4
