@@ -8,7 +8,6 @@ import torch
 
 from epgrpo.trainer.algorithms.awm import awm_loss, matching_log_prob
 from epgrpo.trainer.algorithms.grpo_guard import guard_policy_loss
-from epgrpo.trainer.algorithms.mixgrpo import MixGRPO
 from epgrpo.trainer.algorithms.nft import nft_loss, optimality_weight
 from epgrpo.trainer.algorithms import create_algorithm
 from epgrpo.trainer.cli import main
@@ -121,7 +120,8 @@ def test_nft_gradient_pulls_good_samples_in_and_pushes_bad_ones_out():
     grads = []
     for adv in (5.0, -5.0):
         v = v_old.clone().requires_grad_()
-        nft_loss(v, v_old, None, x0, xt, t, torch.tensor([adv]), nft_beta=1.0, adv_clip=5.0, kl_beta=0.0).loss.backward()
+        terms = nft_loss(v, v_old, None, x0, xt, t, torch.tensor([adv]), nft_beta=1.0, adv_clip=5.0, kl_beta=0.0)
+        terms.loss.backward()
         grads.append(v.grad)
     torch.testing.assert_close(grads[0], -grads[1])
     target = eps - x0  # descending the r = 1 gradient moves v toward the flow-matching target
@@ -166,7 +166,8 @@ def test_mixgrpo_window_slides_as_the_paper_schedules_it():
     assert max(starts) == 24 - 4 and starts[-1] == 20  # never into the last step; stays at the end
     assert all(algorithm.sde_steps(it) == list(range(s, s + 4)) for it, s in zip(range(1, 600), starts))
     rolling = create_algorithm(load_config(None, ["train.algorithm=mixgrpo", "sampling.num_steps=6",
-                                                  "prune.mode=grpo", "algo.mixgrpo_shift_interval=2", "algo.mixgrpo_stride=1",
+                                                  "prune.mode=grpo", "algo.mixgrpo_shift_interval=2",
+                                                  "algo.mixgrpo_stride=1",
                                                   "algo.mixgrpo_roll_back=true", "sampling.sde_window_size=2"]))
     assert [rolling.sde_steps(it)[0] for it in range(1, 11)] == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
 

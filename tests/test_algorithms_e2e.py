@@ -43,7 +43,8 @@ def test_two_iterations_on_sd3_through_both_launched_services(algorithm, launche
     out = tmp_path / "run"
     stack = launched_sd3_services
     assert main(["train", f"reward.address={stack.reward.address}", f"pruner.address={stack.pruner.address}",
-                 "launch_services=false", "model.preview_decoder=tiny-sd3-vae", "model.name=sd3", f"model.path={tiny_sd3_dir}", "model.lora_rank=4",
+                 "launch_services=false", "model.preview_decoder=tiny-sd3-vae", "model.name=sd3",
+                 f"model.path={tiny_sd3_dir}", "model.lora_rank=4",
                  "model.max_sequence_length=8", "model.device=cpu", "sampling.num_steps=4", "sampling.shift=3.0",
                  "sampling.guidance_scale=1.0", "sampling.sde_window_size=2", "prune.group_size=4", "prune.steps=[2]",
                  "prune.keeps=[2]", "train.iterations=2", "train.prompts_per_iteration=2", "train.lr=1e-2",
@@ -91,7 +92,8 @@ def test_two_ranks_agree_with_one_under_every_algorithm(services, tiny_policy_fa
     identical and equal the same run on 1 rank, up to float summation order (which AdamW turns into
     differences of up to 1e-5 on weights whose gradient is near 0: 1e-3 of one step at lr 1e-2)."""
     reward, pruner = services
-    common = [f"model.path={tiny_policy_factory().model_dir}", "model.device=cpu", "prune.group_size=4",
+    toy_dir = tiny_policy_factory().model_dir
+    common = [f"model.path={toy_dir}", "model.device=cpu", "prune.group_size=4",
               "prune.steps=[1]", "prune.keeps=[2]", "sampling.num_steps=4", "sampling.sde_window_size=2",
               "train.iterations=2", "train.prompts_per_iteration=4", "train.lr=1e-2",
               "reward.rewards=jpeg_compressibility:1", "reward.judge=", "eval.samples_per_prompt=1", "eval.every=0",
@@ -109,7 +111,7 @@ def test_two_ranks_agree_with_one_under_every_algorithm(services, tiny_policy_fa
         assert main(["train", *common, f"train.algorithm={algorithm}", *OWN_OPTIONS[algorithm], f"out_dir={one}"]) == 0
         ranks = [load_file(tmp_path / "two" / algorithm / f"rank{r}.safetensors") for r in range(2)]
         single = load_file(one / "policy.safetensors")
-        initial = load_file(Path(tiny_policy_factory().model_dir) / "transformer" / "diffusion_pytorch_model.safetensors")
+        initial = load_file(Path(toy_dir) / "transformer" / "diffusion_pytorch_model.safetensors")
         assert ranks[0].keys() == single.keys()
         moved = 0.0
         for name, value in ranks[0].items():
