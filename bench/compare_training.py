@@ -15,6 +15,7 @@ overrides, then the extra ``key=value`` overrides.
     python bench/compare_training.py --out runs/compare          # 3 seeds x 5 configs, ~15 min
     python bench/compare_training.py --model toy_digits_ddpm --out runs/compare-ddpm
     python bench/compare_training.py --quick --out /tmp/cmp      # seconds; used by the tests
+    python bench/compare_training.py --algorithm grpo_guard nft   # each alone (G=8) and with E&P, vs grpo G=8
 """
 
 from __future__ import annotations
@@ -71,6 +72,16 @@ MODELS = {m.name: m for m in (ToyModel("toy_digits", ToyDigitPolicy, ToyRecipe, 
 
 def run_dir(name: str) -> str:
     return "".join(c for c in name.replace(" ", "_").replace("→", "-").replace("+", "_") if c.isalnum() or c in "_-.")
+
+
+def algorithm_configs(model: ToyModel, algorithms: list[str]) -> dict[str, list[str]]:
+    """Plain GRPO G=8, then each algorithm alone (G=8) and under the model's default Expand-and-Prune."""
+    schedule = model.configs["E&P 16→8→4 late" if model.name == "toy_digits" else "E&P 16→8→4 {7,8}"]
+    configs = {"grpo G=8": model.configs["grpo G=8"]}
+    for name in algorithms:
+        configs[f"{name} G=8"] = [f"train.algorithm={name}", *model.configs["grpo G=8"]]
+        configs[f"{name} E&P 16→8→4"] = [f"train.algorithm={name}", *schedule]
+    return configs
 
 
 def run_one(name, overrides, seed, args, reward_address, pruner_address, recipe):
@@ -138,13 +149,14 @@ def plot(summary: dict, path: Path) -> None:
 def table(summary: dict, baseline: str) -> str:
     base = summary[baseline]
     lines = ["| config | final reward (± std over seeds) | judge | train wall s | NFE | wall to reach "
-             f"{baseline} final | ratio to {baseline} wall |", "|---|---|---|---|---|---|---|"]
+             f"{baseline} final | ratio to {baseline} wall | NFE to reach it |", "|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         reach = s["wall_to_baseline_final_s"]
         ratio = "—" if reach is None else f"{reach / base['wall_s']:.2f}"
+        nfe_reach = "—" if reach is None else f"{s['nfe_to_baseline_final']:.0f}"
         lines.append(f"| {name} | {s['final_reward']:.3f} ± {s['final_reward_std']:.3f} | {s['final_judge']:.3f} | "
                      f"{s['wall_s']:.0f} | {s['nfe']:.0f} | {'not reached' if reach is None else f'{reach:.0f} s'} | "
-                     f"{ratio} |")
+                     f"{ratio} | {nfe_reach} |")
     return "\n".join(lines)
 
 
@@ -157,15 +169,19 @@ def main(argv=None) -> int:
                         help="run only this configuration (repeatable; default: all of the model's; the baseline "
                         "'grpo G=8' always runs)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     parser.add_argument("--iterations", type=int, default=30, help="GRPO iterations per run (default 30)")
     parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N iterations (default 5)")
     parser.add_argument("--eval-samples", type=int, default=8, help="samples per digit at evaluation (default 8)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 iterations, tiny model: checks it runs")
+    parser.add_argument("--algorithm", nargs="+", default=[], metavar="NAME",
+                        help="compare these train.algorithm values, each alone (grpo G=8's group) and with "
+                             "Expand-and-Prune 16→8→4 at steps {5, 7}, against plain grpo G=8")
     parser.add_argument("extra", nargs="*", metavar="key=value", help="extra trainer overrides for every run")
     args = parser.parse_args(argv)
     model = MODELS[args.model]
     baseline = "grpo G=8"
-    configs = model.configs
+    configs = algorithm_configs(model, args.algorithm) if args.algorithm else model.configs
     if args.only:
         chosen = {baseline, *args.only}
         unknown = sorted(chosen - set(configs))
@@ -180,7 +196,7 @@ def main(argv=None) -> int:
         args.extra = [*args.extra, "train.prompts_per_iteration=2"]
     curves: dict[str, list] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp, LocalStack(["digit", "digit_judge"], Path(tmp)) as stack:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for name, overrides in configs.items():
                 print(f"seed {seed}: {name} ...", file=sys.stderr, flush=True)
                 curves[name].append(run_one(name, overrides, seed, args, stack.reward.address, stack.pruner.address, recipe))

@@ -20,8 +20,8 @@ from epgrpo.trainer.distributed import Distributed
 record_dir = Path(sys.argv[1])
 record_dir.mkdir(parents=True, exist_ok=True)
 tensors, facts = {}, {"groups": [], "updates": []}
-all_reduce, sample, policy_update, run = (Distributed.all_reduce_mean_, loop.Trainer.sample_and_score,
-                                          loop.policy_update, loop.Trainer.run)
+all_reduce, sample, update_policy, run = (Distributed.all_reduce_mean_, loop.Trainer.sample_and_score,
+                                          loop.Trainer.update_policy, loop.Trainer.run)
 
 
 def recording_all_reduce(self, params):
@@ -39,9 +39,9 @@ def recording_sample(self, iteration, prompts, first_group=0):
     return result
 
 
-def recording_update(policy, optimizer, batch, advantages, *args, **kwargs):
+def recording_update(self, batch, advantages, *args, **kwargs):
     facts["updates"].append({"prompts": batch.prompts, "advantages": advantages.tolist()})
-    return policy_update(policy, optimizer, batch, advantages, *args, **kwargs)
+    return update_policy(self, batch, advantages, *args, **kwargs)
 
 
 def run_and_record(self):
@@ -108,5 +108,5 @@ if failing and failing.split(":")[0] == os.environ.get("RANK"):  # fails on that
     reward_client.RewardClient.score = eval_fails
 
 Distributed.all_reduce_mean_ = recording_all_reduce
-loop.Trainer.sample_and_score, loop.policy_update, loop.Trainer.run = recording_sample, recording_update, run_and_record
+loop.Trainer.sample_and_score, loop.Trainer.update_policy, loop.Trainer.run = recording_sample, recording_update, run_and_record
 sys.exit(cli.main(["train", *sys.argv[2:]]))

@@ -66,6 +66,15 @@ def test_seed_sweep_runs_and_reads_finished_seeds_back(tmp_path):
 
 
 @pytest.mark.slow
+def test_training_comparison_of_an_algorithm_alone_and_under_expand_and_prune(tmp_path):
+    out = run("compare_training.py", "--quick", "--algorithm", "nft", "--out", str(tmp_path))
+    assert "| nft E&P 16→8→4 |" in out and "NFE to reach it" in out
+    summary = json.loads((tmp_path / "comparison.json").read_text())
+    assert set(summary) == {"grpo G=8", "nft G=8", "nft E&P 16→8→4"}
+    assert summary["nft E&P 16→8→4"]["nfe"] > summary["nft G=8"]["nfe"]  # 16→8→4 costs more NFE than 8
+
+
+@pytest.mark.slow
 def test_transport_benchmark_runs():
     out = run("bench_transport.py", "--quick")
     assert "| reward.Score jpeg 48x16x16x1 uint8 |" in out and "pruner.PruneRollout previews" in out

@@ -115,6 +115,12 @@ def enumerations():
     return [(key, t) for key, t, _, _ in cfg.iter_fields() if typing.get_origin(t) is typing.Literal]
 
 
+def algorithm_declaring(key: str) -> str:
+    from epgrpo.trainer.algorithms.base import algorithm_class, available_algorithms
+
+    return next(a for a in available_algorithms() if key.split(".")[1] in algorithm_class(a).options)
+
+
 def test_enumerations_cover_the_modes():
     keys = {key for key, _ in enumerations()}
     assert {"prune.mode", "eval.sampler", "pruner.on_unavailable", "train.lr_schedule", "model.dtype"} <= keys
@@ -125,6 +131,8 @@ def test_each_enumeration_accepts_its_choices_and_names_them_on_a_bad_value(key,
     choices = typing.get_args(t)
     for choice in choices:
         extra = ["train.lr_warmup_iterations=1"] if key == "train.lr_schedule" and choice != "constant" else []
+        if key.startswith("algo."):  # an algorithm's option is set with that algorithm
+            extra = [f"train.algorithm={algorithm_declaring(key)}"]
         section, name = key.split(".")
         if (key, choice) == ("model.dtype", "fp16"):  # a known choice, refused for training (no loss scaling)
             with pytest.raises(ValueError, match="model.dtype: expected auto, fp32 or bf16: fp16 trains without"):

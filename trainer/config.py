@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from epgrpo.protos.reward_names import split_top_level
+from epgrpo.trainer.algorithms.options import AlgorithmConfig
 
 # Modes are enumerations: a value outside them stops the run naming the field and the choices.
 KlForm = Literal["exact", "flow_grpo"]
@@ -123,6 +124,9 @@ class PruneConfig:
 
 @dataclass
 class TrainConfig:
+    algorithm: str = opt("grpo", "the objective that consumes the kept trajectories: grpo (Flow-GRPO / DDPO) | "
+                         "grpo_guard | mixgrpo | nft (DiffusionNFT) | awm (Advantage Weighted Matching); each takes "
+                         "only its own algo.* options (docs/algorithm.md); prune.mode works with every one")
     iterations: int = opt(30, "GRPO iterations")
     prompts_per_iteration: int = opt(10, "groups (prompts) per iteration")
     lr: float = opt(2e-4, "AdamW learning rate")
@@ -239,6 +243,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    algo: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

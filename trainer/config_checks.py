@@ -107,6 +107,9 @@ def validate(c: Config) -> None:
     need(c.model.device == "auto" or c.model.device.split(":")[0] in ("cpu", "cuda"), "model.device",
          "auto, cpu or cuda[:i]", c.model.device)
     validate_policy_options(c, need)
+    from epgrpo.trainer.algorithms.base import check_algorithm_options
+
+    check_algorithm_options(c)
 
 
 def validate_policy_options(c: Config, need) -> None:

@@ -19,20 +19,20 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from epgrpo.trainer import config as cfg
-from epgrpo.trainer.config_checks import check_sampler_options
+from epgrpo.trainer.algorithms import create_algorithm
 from epgrpo.trainer.clients import PrunerClient, ServiceCallError, ServicesUnavailable
+from epgrpo.trainer.config_checks import check_sampler_options
 from epgrpo.trainer.distributed import Distributed
 from epgrpo.trainer.ema import EMA
 from epgrpo.trainer.grpo import PromptStatTracker
-from epgrpo.trainer.optimize import policy_update, trained_steps
+from epgrpo.trainer.monitors import reward_judge_gap, zero_std_ratio
 from epgrpo.trainer.policy.base import PolicyAdapter
 from epgrpo.trainer.prompts import DIGIT_PROMPTS, load_prompts
 from epgrpo.trainer.pruning import FallbackPruneSession, select_after_sampling
 from epgrpo.trainer.report import MetricsWriter, plot_curves, save_grid
 from epgrpo.trainer.retries import IterationRetries
 from epgrpo.trainer.reward_client import RewardClient
-from epgrpo.trainer.rollout import (RolloutResult, micro_batch_order, rollout_steps, sample_eval, sample_seeds,
-                                   sde_window, train_step_subset)
+from epgrpo.trainer.rollout import RolloutResult, micro_batch_order, rollout_steps, sample_eval, sample_seeds
 from epgrpo.trainer.trainer_state import TrainerState
 from epgrpo.trainer.wandb_log import WandbLogger
 from epgrpo.trainer.waves import concat_results, run_waves, split_waves
@@ -64,6 +64,8 @@ class Trainer(TrainerState, IterationRetries):
         self.sampler = policy.make_sampler(config.sampling.num_steps,
                                            cfg.sampler_options(config)).with_kl_form(config.train.kl_form)
         check_sampler_options(config, self.sampler)  # an option this model's sampler would ignore stops here
+        self.algorithm = create_algorithm(config)  # what is stochastic, what is trained, the loss
+        self.algorithm.check_sampler(self.sampler)
         self.out = Path(config.out_dir)
         self.eval_sampler = policy.make_sampler(config.eval.num_steps or config.sampling.num_steps,
                                                 cfg.sampler_options(config))
@@ -133,6 +135,7 @@ class Trainer(TrainerState, IterationRetries):
         if self.judge:
             judge, _ = self.reward.score(images, prompts, self.judge, request_id=f"eval-judge-{iteration}")
             record["judge"] = float(judge.mean())
+            record.update(reward_judge_gap(record, getattr(self, "first_evaluation", None)))
         return record, images
 
     def is_evaluation(self, iteration: int) -> bool:
@@ -142,12 +145,9 @@ class Trainer(TrainerState, IterationRetries):
 
     # -- one iteration ------------------------------------------------------------------------
     def sde_steps(self, iteration: int) -> list[int] | None:
-        """The stochastic steps of this iteration's rollouts (None = every step but the last)."""
-        s = self.c.sampling
-        if not s.sde_window_size:
-            return None
-        lo, hi = cfg.sde_window_range(self.c)
-        return sde_window(s.num_steps, s.sde_window_size, lo, hi, self.c.train.seed, iteration)
+        """The stochastic steps of this iteration's rollouts (None = every step but the last), as the
+        algorithm says."""
+        return self.algorithm.sde_steps(iteration)
 
     def sample_and_score(self, iteration: int, prompts: list[str], first_group: int = 0):
         """This rank's groups, sampled in ``sampling.waves`` waves and scored as each wave ends.
@@ -238,6 +238,7 @@ class Trainer(TrainerState, IterationRetries):
             "reward_mean_all_final": float(all_rewards.mean()), "kept": len(kept_rewards),
             "nfe": nfe, "nfe_full": nfe_full,
             "survivors_per_step": [int(v) for v in dist.sum(batch.survivors_per_step)],
+            "zero_std_ratio": zero_std_ratio(kept_rewards, kept_groups),
         }
         self.nfe_cumulative += nfe
         self.nfe_full_cumulative += nfe_full
@@ -252,22 +253,14 @@ class Trainer(TrainerState, IterationRetries):
             advantages = self.tracker.advantages([prompts[g] for g in kept_groups.tolist()], kept_rewards)
             offset = sum(dist.counts(len(rewards))[:dist.rank])  # ranks may keep different numbers
             mine = slice(offset, offset + len(rewards))
-            train_steps = train_step_subset(trained_steps(batch), c.train.timestep_fraction, c.train.seed, iteration)
+            train_steps = self.algorithm.train_steps(batch, iteration)
             train_start = time.perf_counter()
             # Ranks that kept fewer trajectories (pruner.on_unavailable=no_prune elsewhere) pad with
             # zero-weight micro-batches: every rank then takes the same optimizer steps (their gradient
             # all-reduces line up) and, under FSDP, makes the same forward/backward calls.
             micro_batches = max(dist.counts(math.ceil(len(rewards) / c.train.train_batch_size)))
-            stats = policy_update(self.policy, self.optimizer, batch, advantages[mine], self.sampler,
-                                  clip_range=c.train.clip_range, beta=c.train.beta,
-                                  inner_epochs=c.train.inner_epochs, max_grad_norm=c.train.max_grad_norm,
-                                  train_batch_size=c.train.train_batch_size,
-                                  gradient_accumulation=c.train.gradient_accumulation,
-                                  optimizer_steps=c.train.optimizer_steps, train_steps=train_steps,
-                                  sync_gradients=dist.all_reduce_mean_ if self.fsdp is None else None,  # FSDP: in backward
-                                  after_step=self.ema.step if self.ema is not None else None,
-                                  micro_batches=micro_batches,
-                                  order=micro_batch_order(len(rewards), c.train.seed, iteration, dist.rank))
+            stats = self.update_policy(batch, advantages[mine], iteration, train_steps, micro_batches,
+                                       first_group * c.prune.group_size)
             last = asdict(stats[-1])
             keys = [k for k, v in last.items() if isinstance(v, float)]
             record.update(zip(keys, dist.mean([last[k] for k in keys])))  # mean over ranks
@@ -286,6 +279,22 @@ class Trainer(TrainerState, IterationRetries):
         record["rollout_s"] = rollout_s
         record["iteration_s"] = time.perf_counter() - start
         return record
+
+    def update_policy(self, batch: RolloutResult, advantages: torch.Tensor, iteration: int, train_steps: list[int],
+                      micro_batches: int, trajectory_offset: int = 0):
+        """The algorithm's update of this rank's kept trajectories (``optimize.policy_update``'s options);
+        ``trajectory_offset``: the iteration-wide id of this rank's first trajectory."""
+        c, dist = self.c, self.dist
+        return self.algorithm.update(self.policy, self.optimizer, batch, advantages, self.sampler, iteration=iteration,
+                                     clip_range=c.train.clip_range, beta=c.train.beta,
+                                     inner_epochs=c.train.inner_epochs, max_grad_norm=c.train.max_grad_norm,
+                                     train_batch_size=c.train.train_batch_size,
+                                     gradient_accumulation=c.train.gradient_accumulation,
+                                     optimizer_steps=c.train.optimizer_steps, train_steps=train_steps,
+                                     sync_gradients=dist.all_reduce_mean_ if self.fsdp is None else None,  # FSDP: in backward
+                                     after_step=self.ema.step if self.ema is not None else None,
+                                     micro_batches=micro_batches, trajectory_offset=trajectory_offset,
+                                     order=micro_batch_order(len(advantages), c.train.seed, iteration, dist.rank))
 
     # -- the run ------------------------------------------------------------------------------
     @staticmethod
@@ -314,6 +323,7 @@ class Trainer(TrainerState, IterationRetries):
         writer = MetricsWriter(self.out, purge_step=done + 1, wandb=self.wandb) if main else None
         start = time.perf_counter()
         evals, iterations = self._read_jsonl(self.out / "eval.jsonl"), self._read_jsonl(self.out / "metrics.jsonl")
+        self.first_evaluation = evals[0] if evals else None  # the reward-hacking monitor's baseline
         last_images, evaluated = None, False  # evaluated: the same on every rank (each joins the agreement)
         if done == 0:
             first, last_images = self.evaluate_in_step(0)
@@ -329,6 +339,7 @@ class Trainer(TrainerState, IterationRetries):
                 writer.write("eval", e, done)
         if done == 0 and main:
             evals = [first]
+            self.first_evaluation = first
             writer.write("eval", first, 0)
             writer.add_samples("eval/samples", last_images, 0, c.eval.samples_per_prompt)  # videos: TensorBoard video
             if self.wandb is not None:

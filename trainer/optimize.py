@@ -68,6 +68,7 @@ def policy_update(
     after_step: Callable[[], None] | None = None,
     micro_batches: int = 0,
     order: torch.Tensor | None = None,
+    step_loss: Callable | None = None,
 ) -> list[UpdateStats]:
     """Clipped GRPO + KL over every (trajectory, trained step).
 
@@ -83,6 +84,9 @@ def policy_update(
     with zero weight, so they add nothing to the gradient or the statistics. ``order``: a permutation
     of the trajectories that the micro-batches take them in when an inner epoch has several optimizer
     steps (with one, the order changes nothing and is not applied).
+    ``step_loss``: the per-step loss ``step_loss(step, old_log_prob, old_mean, advantages, clip_range,
+    kl, beta, i, sampler) -> LossTerms`` (GRPO-Guard's); None = ``clipped_policy_loss``. The old
+    step means are kept only for a loss with ``needs_old_mean``.
 
     The old log-probs are recomputed with the unchanged parameters in the same micro-batches as
     the new ones, so the first step's ratio is exactly 1 (the rollout's own log-probs can differ
@@ -116,12 +120,17 @@ def policy_update(
         return x, x_next, sampler.step(x, out, i, sample=x_next)
 
     old_log_probs: dict[tuple[int, int], torch.Tensor] = {}
+    old_means: dict[tuple[int, int], torch.Tensor] = {}
+    keep_means = getattr(step_loss, "needs_old_mean", False)
     drift = 0.0
     if len(step_groups) > 1:  # parameters change within epoch 0: old log-probs first
         with torch.no_grad():
             for c, rows in enumerate(chunks):
                 for i in steps:
-                    old_log_probs[i, c] = forward(i, rows)[2].log_prob
+                    old_step = forward(i, rows)[2]
+                    old_log_probs[i, c] = old_step.log_prob
+                    if keep_means:
+                        old_means[i, c] = old_step.mean
                     if c < real:
                         drift = max(drift, (old_log_probs[i, c] - batch.log_probs[rows, i]).abs().max().item())
     results = []
@@ -140,14 +149,20 @@ def policy_update(
                     x, x_next, step = forward(i, rows)
                     if (i, c) not in old_log_probs:
                         old_log_probs[i, c] = step.log_prob.detach()
+                        if keep_means:
+                            old_means[i, c] = step.mean.detach()
                         drift = max(drift, (old_log_probs[i, c] - batch.log_probs[rows, i]).abs().max().item())
                     kl = None
                     if beta > 0:
                         with torch.no_grad(), policy.reference():
                             out_ref = policy.predict(x, sampler.timestep(i), select(cond, rows))
                         kl = sampler.kl(step.mean, sampler.step(x, out_ref, i, sample=x_next).mean, step.std, i)
-                    terms = clipped_policy_loss(step.log_prob, old_log_probs[i, c], advantages[rows], clip_range,
-                                                kl, beta)
+                    if step_loss is None:
+                        terms = clipped_policy_loss(step.log_prob, old_log_probs[i, c], advantages[rows], clip_range,
+                                                    kl, beta)
+                    else:
+                        terms = step_loss(step, old_log_probs[i, c], old_means.get((i, c)), advantages[rows],
+                                          clip_range, kl, beta, i, sampler)
                     (terms.loss * weight).backward()
                     if c >= real:
                         continue

@@ -89,6 +89,10 @@ class Sampler(ABC):
     def x0(self, x: torch.Tensor, model_out: torch.Tensor, i: int) -> torch.Tensor:
         """The clean-sample estimate at x_i, free given the model output already computed."""
 
+    def interval(self, i: int) -> float:
+        """The length |dt| of step i in the model's time in [0, 1] (GRPO-Guard's step reweighting)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its step lengths")
+
     #: the sampling options (SamplerOptions fields) this sampler uses; the others are refused when set
     reads: tuple[str, ...] = ()
     #: train.kl_form: "exact" (the KL of the step's Gaussians) or "flow_grpo" (flow samplers only)

@@ -82,6 +82,9 @@ class DDIMSampler(Sampler):
     def noise_std(self, i: int) -> float:
         return (1 - self._alpha[i]) ** 0.5
 
+    def interval(self, i: int) -> float:
+        return (self.num_train_timesteps // self.num_steps) / self.num_train_timesteps  # t -> t - T/n
+
     def _x0_eps(self, x: torch.Tensor, out: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         a = self._alpha[i]
         x, out = x.float(), out.float()

@@ -39,6 +39,9 @@ class FlowSampler(Sampler):
     def noise_std(self, i: int) -> float:
         return float(self.sigmas[i])
 
+    def interval(self, i: int) -> float:
+        return float(self.sigmas[i] - self.sigmas[i + 1])
+
     def step(self, x, model_out, i, noise=None, sample=None) -> StepResult:
         return sde_step(x, model_out, self.sigmas[i], self.sigmas[i + 1], self.noise_level, self.sigma_guard,
                         noise=noise, sample=sample)
