@@ -1,8 +1,11 @@
 """End to end: real reward and pruner servers on free ports, real clients, short training runs."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +89,49 @@ def test_main_job_starts_services_trains_and_prints_summary_path(tmp_path):
     assert summary["nfe_used"] == 2 * (4 * 2 + 2 * 2) and summary["nfe_full_group"] == 2 * 4 * 4
     logs = {p.name: p.read_text() for p in (out / "services").iterdir()}
     assert set(logs) == {"reward.log", "pruner.log"}
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (state Z) has exited; only its exit status is left
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.update(int(c) for c in text)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find child processes")
+def test_sigterm_to_the_trainer_stops_the_services_it_launched(tmp_path):
+    """A trainer stopped with SIGTERM (a scheduler, Kubernetes) takes its launched services with it."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "epgrpo.trainer.cli", "train", "model.pretrain_steps=3", "train.iterations=1000",
+         "train.prompts_per_iteration=2", "prune.group_size=4", "prune.steps=[1]", "prune.keeps=[2]",
+         "sampling.num_steps=4", "eval.samples_per_prompt=1", f"out_dir={out}", "progress=false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists():  # both services serve once an iteration is written
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
+            time.sleep(0.2)
+        services = _children(proc.pid)
+        assert len(services) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while any(map(_alive, services)):
+            assert time.monotonic() < deadline, f"services {services} outlived the trainer"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 import textwrap
 
@@ -195,6 +196,23 @@ def run_analysis(config: cfg.Config, groups: int, group_size: int, keep: int, fi
     return Path(config.out_dir) / "analysis.json"
 
 
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While the run lasts, SIGTERM (a scheduler, Kubernetes, ``kill``) unwinds like Ctrl-C: the
+    services this run launched are stopped on the way out instead of outliving it. Only in the main
+    thread; the previous handler comes back afterwards (in-process callers keep theirs)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -222,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"epgrpo: error: --keep: expected 2 <= keep < group_size={args.group_size} and --groups >= 1, "
                       f"got keep={args.keep}, groups={args.groups}", file=sys.stderr)
                 return 2
-            summary = run_analysis(config, args.groups, args.group_size, args.keep, args.first_frame_rewards)
+            with stop_on_sigterm():
+                summary = run_analysis(config, args.groups, args.group_size, args.keep, args.first_frame_rewards)
         else:
-            summary = run_training(config)
+            with stop_on_sigterm():
+                summary = run_training(config)
     except ValueError as e:  # config problems found when talking to the services (e.g. missing reward)
         print(f"epgrpo: error: {e}", file=sys.stderr)
         return 2
