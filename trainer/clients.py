@@ -247,7 +247,8 @@ class PrunerStream:
         # denoising, which with waves includes the other waves' (an idle stream costs the server nothing)
         self.deadline_s = deadline_s
         self._expired = threading.Event()
-        self._responses = stub.PruneRollout(self._outgoing())
+        # no deadline for the whole stream (timeout=None): each decision has its own timer (decide)
+        self._responses = stub.PruneRollout(self._outgoing(), timeout=None)
         self.rollout_id = open_message.rollout_id
         self.max_request_bytes = max_request_bytes
         self.messages_sent = 0  # checkpoint messages (parts) so far, for logs and tests
