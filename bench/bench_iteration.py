@@ -151,16 +151,16 @@ class Probe:
         self._patches: list[tuple[object, str, object]] = []
         self.patch(policy, "decode", "decode")
         self.patch(PrunerStream, "decide", "pruning decisions")
-        original_update = loop_module.policy_update
+        original_update = loop_module.Trainer.update_policy  # the algorithm's update of the kept trajectories
 
-        def update(*args, **kwargs):
+        def update(trainer, *args, **kwargs):
             self.phase = "update"
             try:
-                return self.timed("update", original_update, *args, **kwargs)
+                return self.timed("update", original_update, trainer, *args, **kwargs)
             finally:
                 self.phase = "sampling"
-        self._patches.append((loop_module, "policy_update", original_update))
-        loop_module.policy_update = update
+        self._patches.append((loop_module.Trainer, "update_policy", original_update))
+        loop_module.Trainer.update_policy = update
         original_reference = policy.reference
 
         @contextlib.contextmanager

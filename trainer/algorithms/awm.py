@@ -99,7 +99,7 @@ class AWM(Algorithm):
             else:
                 u = torch.sigmoid(torch.randn(count, generator=generator))
             draws.append(u.clamp(1e-3, 1.0))  # t = 0 has no noise to match
-        return shifted(torch.stack(draws), self.c.sampling.shift)
+        return shifted(torch.stack(draws), self.c.sampling.shift or 1.0)  # sampling.shift 0 (the model's grid): unshifted
 
     def loss(self, v, v_old, v_ref, x0, xt, t, eps, advantages) -> LossTerms:
         return awm_loss(v, v_old, v_ref, x0, t, eps, advantages, clip_range=self.c.train.clip_range,

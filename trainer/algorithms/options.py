@@ -35,5 +35,5 @@ class AlgorithmConfig:
     awm_ghuber_power: float = _opt(0.25, "awm: power of the generalised Huber weighting (awm_weighting=ghuber)")
     awm_time_sampling: AwmTimeSampling = _opt("uniform", "awm: training times per sample: discrete (the sampling "
                                               "grid's sigmas) | uniform in (0, 1) | logit_normal, time-shifted by "
-                                              "sampling.shift")
+                                              "sampling.shift when it is set (> 0)")
     awm_timesteps: int = _opt(0, "awm: training times per sample and iteration; 0 = sampling.num_steps")

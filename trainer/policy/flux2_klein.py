@@ -40,7 +40,7 @@ import torch
 
 from epgrpo.trainer.policy.base import Conditioning, register_policy
 from epgrpo.trainer.policy.finetune import resolve_dtype
-from epgrpo.trainer.policy.latent import LatentPipelinePolicy, load_pipeline, pipeline_location
+from epgrpo.trainer.policy.latent import LatentPipelinePolicy, load_pipeline, pipeline_location, text_tokens
 from epgrpo.trainer.policy.pipeline_grid import pipeline_sigmas
 from epgrpo.trainer.policy.qwen_image import check_resolution
 from epgrpo.trainer.samplers import FlowSampler, Sampler, SamplerOptions
@@ -72,10 +72,7 @@ class Flux2KleinPolicy(LatentPipelinePolicy):
         if not (math.isfinite(guidance_scale) and guidance_scale >= 1.0):
             raise ValueError(f"sampling.guidance_scale: expected a finite number >= 1 for flux2_klein (1 = off), "
                              f"got {guidance_scale!r}")
-        max_sequence_length = max_sequence_length or STOCK_TEXT_TOKENS  # 0: the stock pipeline's
-        if not 1 <= max_sequence_length <= MAX_TEXT_TOKENS:
-            raise ValueError(f"model.max_sequence_length: expected 1..{MAX_TEXT_TOKENS} for flux2_klein, "
-                             f"got {max_sequence_length}")
+        max_sequence_length = text_tokens(max_sequence_length, STOCK_TEXT_TOKENS, MAX_TEXT_TOKENS, "flux2_klein")
         device = torch.device(device)
         torch_dtype = resolve_dtype(dtype, device)
         if resolution and local:

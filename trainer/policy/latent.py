@@ -34,6 +34,15 @@ def pipeline_location(path: str, family: str, example: str) -> bool:
     return local
 
 
+def text_tokens(requested: int, stock: int, most: int, family: str) -> int:
+    """``model.max_sequence_length`` for ``family``: 0 means the stock pipeline's count, so exported
+    weights meet the conditioning they were trained with; ValueError naming the option outside 1..most."""
+    tokens = requested or stock
+    if not 1 <= tokens <= most:
+        raise ValueError(f"model.max_sequence_length: expected 1..{most} for {family}, got {tokens}")
+    return tokens
+
+
 def load_pipeline(pipeline_class, path: str, local: bool, torch_dtype: torch.dtype | dict, **kwargs):
     """``pipeline_class.from_pretrained``, without downloads for a local directory (or offline);
     ``torch_dtype`` may name a dtype per component ({"default": ..., "vae": ...})."""

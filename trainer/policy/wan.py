@@ -48,7 +48,7 @@ import torch
 
 from epgrpo.trainer.policy.base import Conditioning, register_policy
 from epgrpo.trainer.policy.finetune import parse_targets, resolve_dtype
-from epgrpo.trainer.policy.latent import LatentPipelinePolicy, load_pipeline, pipeline_location
+from epgrpo.trainer.policy.latent import LatentPipelinePolicy, load_pipeline, pipeline_location, text_tokens
 from epgrpo.trainer.samplers import FlowSampler, Sampler, SamplerOptions
 
 NEGATIVE_PROMPT = ""  # WanPipeline's default (negative_prompt=None is "")
@@ -150,10 +150,7 @@ class WanPolicy(LatentPipelinePolicy):
         from diffusers import WanPipeline
 
         local = pipeline_location(path, "wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-        max_sequence_length = max_sequence_length or STOCK_TEXT_TOKENS  # 0: the stock pipeline's
-        if not 1 <= max_sequence_length <= MAX_UMT5_TOKENS:
-            raise ValueError(f"model.max_sequence_length: expected 1..{MAX_UMT5_TOKENS} for wan, "
-                             f"got {max_sequence_length}")
+        max_sequence_length = text_tokens(max_sequence_length, STOCK_TEXT_TOKENS, MAX_UMT5_TOKENS, "wan")
         resolution, num_frames = resolution or DEFAULT_RESOLUTION, num_frames or DEFAULT_NUM_FRAMES
         _check_size(resolution, num_frames)  # Wan 2.1's factors; checked again with the loaded VAE's
         if local:
