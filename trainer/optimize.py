@@ -49,6 +49,56 @@ def equal_shares(micro_batches: int, steps: int) -> list[list[int]]:
     return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
 
 
+def micro_batch_plan(count: int, train_batch_size: int, device, *, micro_batches: int = 0, optimizer_steps: int = 0,
+                     gradient_accumulation: int = 0, order: torch.Tensor | None = None):
+    """(micro-batches of row indices, how many carry weight, the micro-batches of each optimizer step).
+
+    Rows go in micro-batches of ``train_batch_size``; at least ``micro_batches`` of them (the extra
+    ones repeat the first with zero weight: every rank makes the same calls). An optimizer step
+    follows every ``gradient_accumulation`` micro-batches (0 = one per inner epoch), or exactly
+    ``optimizer_steps`` steps over equal shares. With several steps, ``order`` (a permutation of the
+    rows) shuffles which rows each micro-batch takes."""
+    chunks = _chunks(count, train_batch_size, device)
+    real = len(chunks)  # micro-batches with weight; the ones after them are padding
+    chunks += chunks[:1] * max(0, micro_batches - real)
+    if optimizer_steps > 0:  # Flow-GRPO's cadence: accumulate over 1/optimizer_steps of the micro-batches
+        step_groups = equal_shares(len(chunks), optimizer_steps)
+    else:
+        per_step = len(chunks) if gradient_accumulation <= 0 else min(gradient_accumulation, len(chunks))
+        step_groups = [list(range(s, min(s + per_step, len(chunks)))) for s in range(0, len(chunks), per_step)]
+    if order is not None and len(step_groups) > 1:  # shuffled micro-batches: each step sees a mix of groups
+        order = order.to(device)
+        chunks = [order[rows] for rows in chunks[:real]]
+        chunks += chunks[:1] * max(0, micro_batches - real)
+    return chunks, real, step_groups
+
+
+def add_terms(sums: dict[str, float], terms, rows: int) -> None:
+    """Row-weighted sums of a loss's statistics, divided once at the end (exact when every term is equal)."""
+    for key in sums:
+        value = getattr(terms, key)
+        sums[key] += (value.item() if torch.is_tensor(value) else value) * rows
+
+
+def apply_step(params, optimizer, local_loss: float, max_grad_norm: float, sync_gradients=None,
+               after_step=None) -> tuple[float, str]:
+    """Ends one optimizer step over the accumulated gradient: all-reduce, clip, step (and EMA).
+    Returns (gradient norm before clipping, "" or why the step was skipped)."""
+    if not math.isfinite(local_loss):  # poison the gradient so that every rank skips this step
+        for p in params:
+            p.grad = torch.full_like(p, float("nan"))
+    if sync_gradients is not None:
+        sync_gradients(params)
+    # on FSDP's DTensors the norm is the global one (a collective), replicated on every rank
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if params else 0.0
+    if not math.isfinite(grad_norm):
+        return grad_norm, f"non-finite loss ({local_loss}) or gradient norm ({grad_norm})"
+    optimizer.step()
+    if after_step is not None:
+        after_step()
+    return grad_norm, ""
+
+
 def policy_update(
     policy: PolicyAdapter,
     optimizer: torch.optim.Optimizer,
@@ -99,18 +149,9 @@ def policy_update(
         raise ValueError("train_steps: no SDE step to train on")
     cond = policy.encode_prompts(batch.prompts)
     count = len(batch.prompts)
-    chunks = _chunks(count, train_batch_size, policy.device)
-    real = len(chunks)  # micro-batches with weight; the ones after them are padding
-    chunks += chunks[:1] * max(0, micro_batches - real)
-    if optimizer_steps > 0:  # Flow-GRPO's cadence: accumulate over 1/optimizer_steps of the micro-batches
-        step_groups = equal_shares(len(chunks), optimizer_steps)
-    else:
-        per_step = len(chunks) if gradient_accumulation <= 0 else min(gradient_accumulation, len(chunks))
-        step_groups = [list(range(s, min(s + per_step, len(chunks)))) for s in range(0, len(chunks), per_step)]
-    if order is not None and len(step_groups) > 1:  # shuffled micro-batches: each step sees a mix of groups
-        order = order.to(policy.device)
-        chunks = [order[rows] for rows in chunks[:real]]
-        chunks += chunks[:1] * max(0, micro_batches - real)
+    chunks, real, step_groups = micro_batch_plan(count, train_batch_size, policy.device, micro_batches=micro_batches,
+                                                 optimizer_steps=optimizer_steps,
+                                                 gradient_accumulation=gradient_accumulation, order=order)
     advantages = advantages.to(policy.device)
     params = policy.trainable_parameters()
 
@@ -167,23 +208,11 @@ def policy_update(
                     if c >= real:
                         continue
                     local_loss += terms.loss.item() * weight
-                    for key in sums:  # row-weighted sums, divided once below (exact when every term is equal)
-                        value = getattr(terms, key)
-                        sums[key] += (value.item() if torch.is_tensor(value) else value) * len(rows)
-            if not math.isfinite(local_loss):  # poison the gradient so that every rank skips this step
-                for p in params:
-                    p.grad = torch.full_like(p, float("nan"))
-            if sync_gradients is not None:
-                sync_gradients(params)
-            # on FSDP's DTensors the norm is the global one (a collective), replicated on every rank
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if params else 0.0
+                    add_terms(sums, terms, len(rows))
+            grad_norm, skipped = apply_step(params, optimizer, local_loss, max_grad_norm, sync_gradients, after_step)
             grad_norms.append(grad_norm)
-            if not math.isfinite(grad_norm):
-                skipped = f"non-finite loss ({local_loss}) or gradient norm ({grad_norm})"
+            if skipped:
                 break
-            optimizer.step()
-            if after_step is not None:
-                after_step()
         optimizer.zero_grad(set_to_none=True)
         means = {key: value / (count * len(steps)) for key, value in sums.items()}
         results.append(UpdateStats(grad_norm=sum(grad_norms) / len(grad_norms), logp_drift=drift,

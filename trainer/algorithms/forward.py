@@ -15,14 +15,13 @@ zero-weight padding and non-finite skipping are those of ``policy_update``.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
 import torch
 
 from epgrpo.trainer.grpo import LossTerms
-from epgrpo.trainer.optimize import UpdateStats, _chunks
+from epgrpo.trainer.optimize import UpdateStats, add_terms, apply_step, micro_batch_plan
 from epgrpo.trainer.policy.base import select
 from epgrpo.trainer.samplers import FlowSampler
 
@@ -50,7 +49,8 @@ def forward_noise(shape, seed: int, iteration: int, trajectory_ids: list[int], c
 def forward_update(policy, optimizer, batch, advantages: torch.Tensor, times: torch.Tensor, noise: torch.Tensor,
                    loss_fn: ForwardLoss, *, beta: float, inner_epochs: int, max_grad_norm: float,
                    train_batch_size: int, gradient_accumulation: int = 0, optimizer_steps: int = 0,
-                   sync_gradients=None, after_step=None, micro_batches: int = 0, **_unused) -> list[UpdateStats]:
+                   sync_gradients=None, after_step=None, micro_batches: int = 0, order: torch.Tensor | None = None,
+                   **_unused) -> list[UpdateStats]:
     """Optimises ``loss_fn`` over every (kept trajectory, training time k): ``times`` [K, T] in (0, 1],
     ``noise`` [K, T, *latent]. ``beta`` > 0 adds the reference's velocity (``v_ref``) for the loss's KL term."""
     count, num_times = times.shape
@@ -58,14 +58,9 @@ def forward_update(policy, optimizer, batch, advantages: torch.Tensor, times: to
     x0_all = batch.final.to(policy.device)
     times, noise = times.to(policy.device), noise.to(policy.device)
     advantages = advantages.to(policy.device)
-    chunks = _chunks(count, train_batch_size, policy.device)
-    real = len(chunks)
-    chunks += chunks[:1] * max(0, micro_batches - real)
-    if optimizer_steps > 0:
-        per_step = math.ceil(len(chunks) / min(optimizer_steps, len(chunks)))
-    else:
-        per_step = len(chunks) if gradient_accumulation <= 0 else min(gradient_accumulation, len(chunks))
-    step_groups = [list(range(s, min(s + per_step, len(chunks)))) for s in range(0, len(chunks), per_step)]
+    chunks, real, step_groups = micro_batch_plan(count, train_batch_size, policy.device, micro_batches=micro_batches,
+                                                 optimizer_steps=optimizer_steps,
+                                                 gradient_accumulation=gradient_accumulation, order=order)
     params = policy.trainable_parameters()
 
     def inputs(rows, k):
@@ -106,22 +101,11 @@ def forward_update(policy, optimizer, batch, advantages: torch.Tensor, times: to
                     if c >= real:
                         continue
                     local_loss += terms.loss.item() * weight
-                    for key in sums:
-                        value = getattr(terms, key)
-                        sums[key] += (value.item() if torch.is_tensor(value) else value) * len(rows)
-            if not math.isfinite(local_loss):
-                for p in params:
-                    p.grad = torch.full_like(p, float("nan"))
-            if sync_gradients is not None:
-                sync_gradients(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if params else 0.0
+                    add_terms(sums, terms, len(rows))
+            grad_norm, skipped = apply_step(params, optimizer, local_loss, max_grad_norm, sync_gradients, after_step)
             grad_norms.append(grad_norm)
-            if not math.isfinite(grad_norm):
-                skipped = f"non-finite loss ({local_loss}) or gradient norm ({grad_norm})"
+            if skipped:
                 break
-            optimizer.step()
-            if after_step is not None:
-                after_step()
         optimizer.zero_grad(set_to_none=True)
         means = {key: value / (count * num_times) for key, value in sums.items()}
         results.append(UpdateStats(grad_norm=sum(grad_norms) / len(grad_norms), logp_drift=0.0,
