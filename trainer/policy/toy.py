@@ -159,12 +159,16 @@ def _pretrain(recipe: ToyRecipe, out_dir: Path, progress: bool, loss_fn, what: s
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    seconds = time.perf_counter() - start
+    return save_base_model(out_dir, transformer, conditioner, recipe, RECIPE_VERSION, time.perf_counter() - start, losses)
+
+
+def save_base_model(out_dir: Path, transformer, conditioner, recipe, version: int, seconds: float,
+                    losses: list[float]) -> dict:
+    """Writes a pretrained toy (transformer, conditioner, meta.json) where the cache looks for it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     transformer.save_pretrained(out_dir / "transformer")
     save_file({k: v.detach().contiguous() for k, v in conditioner.state_dict().items()}, out_dir / "conditioner.safetensors")
-    meta = {"recipe": asdict(recipe), "version": RECIPE_VERSION, "seconds": seconds,
-            "final_loss": float(np.mean(losses[-10:]))}
+    meta = {"recipe": asdict(recipe), "version": version, "seconds": seconds, "final_loss": float(np.mean(losses[-10:]))}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
 

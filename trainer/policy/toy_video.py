@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from epgrpo.trainer.policy.base import Conditioning, register_policy
-from epgrpo.trainer.policy.toy import ToyDigitPolicy, ToyRecipe, digit_images, ensure_pretrained, parse_digit, toy_factory
+from epgrpo.trainer.policy.toy import (ToyDigitPolicy, ToyRecipe, digit_images, ensure_pretrained, parse_digit,
+                                      save_base_model, toy_factory)
 
 DIRECTIONS = ("right", "left", "up", "down")
 # (dx, dy) of one step in each direction; y grows downwards (image rows)
@@ -154,14 +154,8 @@ def _pretrain_video(recipe: ToyVideoRecipe, out_dir: Path, progress: bool) -> di
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    seconds = time.perf_counter() - start
-    out_dir.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(out_dir / "transformer")
-    save_file({k: v.detach().contiguous() for k, v in conditioner.state_dict().items()}, out_dir / "conditioner.safetensors")
-    meta = {"recipe": asdict(recipe), "version": VIDEO_RECIPE_VERSION, "seconds": seconds,
-            "final_loss": float(np.mean(losses[-10:]))}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-    return meta
+    return save_base_model(out_dir, transformer, conditioner, recipe, VIDEO_RECIPE_VERSION, time.perf_counter() - start,
+                           losses)
 
 
 class ToyVideoPolicy(ToyDigitPolicy):
