@@ -1,4 +1,4 @@
-"""Run by tests/test_wan_policy.py under torchrun (2 CPU ranks, gloo): ``train.fsdp`` on a tiny
+"""Run by tests/test_wan_training.py under torchrun (2 CPU ranks, gloo): ``train.fsdp`` on a tiny
 random Wan transformer (full fine-tuning, ``FSDP`` shards each of its ``blocks``, then the root).
 
     python -m torch.distributed.run --nproc-per-node 2 fsdp_wan_worker.py TINY_WAN_DIR RECORD_DIR
