@@ -99,10 +99,10 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         finally:
             unreserve(reserved)
 
-    async def _proxy_inputs(self, checkpoint, n: int, proxy: _ProxyConfig) -> tuple[np.ndarray, list, list, int]:
-        """A previews checkpoint's decoded uint8 images, prompts and metadata (each image's ``group``:
-        the checkpoint's group_id, for group-aware proxy rewards), and the bytes reserved in the
-        memory budget for the text the upstream requests will carry (``unreserve`` them once scored)."""
+    @staticmethod
+    def _checked_previews(checkpoint, n: int, proxy: _ProxyConfig) -> np.ndarray:
+        """A previews checkpoint's tensor (a view), its rewards, dtype and shape checked: cheap, so a
+        bad request is answered before any call upstream (a reward service failure never masks it)."""
         if not proxy.rewards:
             raise InvalidArgument(f"{proxy.rewards_field}: expected at least one reward to score checkpoint.previews, "
                                   "got none")
@@ -113,6 +113,13 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         if previews.shape[0] != n:
             raise InvalidArgument(f"checkpoint.previews.shape: expected {n} previews (one per trajectory id), "
                                   f"got {previews.shape[0]}")
+        return previews
+
+    async def _proxy_inputs(self, checkpoint, n: int, proxy: _ProxyConfig) -> tuple[np.ndarray, list, list, int]:
+        """A previews checkpoint's decoded uint8 images, prompts and metadata (each image's ``group``:
+        the checkpoint's group_id, for group-aware proxy rewards), and the bytes reserved in the
+        memory budget for the text the upstream requests will carry (``unreserve`` them once scored)."""
+        previews = self._checked_previews(checkpoint, n, proxy)
         codec.finite_or_raise(previews, "checkpoint.previews")
         # counts first: nothing is copied out of a checkpoint whose lists do not match its ids
         check_count(len(checkpoint.prompts), (1, n), "checkpoint.prompts", "prompts (1: broadcast to the group, "
@@ -186,6 +193,8 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
                 _, ids = session.validate(checkpoint.group_id, checkpoint.step, checkpoint.trajectory_ids,
                                           checkpoint.group_size, part_shape)
                 request_id = f"{rollout}/{checkpoint.group_id}/step{checkpoint.step}"
+                if checkpoint.WhichOneof("proxy") == "previews":
+                    self._checked_previews(checkpoint, len(ids), proxy)
                 if await self._whole_group(checkpoint, proxy):
                     # A group-aware proxy scores each preview against its whole group: the parts'
                     # decoded images wait in the session until the last part, then go in one request.
